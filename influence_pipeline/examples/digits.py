@@ -1,0 +1,143 @@
+"""The bundled example: scikit-learn's 8x8 digits, a small MLP, and deliberately flipped labels.
+
+Everything ships inside installed packages (no download):
+
+* 1,797 digit images (64 pixels, scaled to [0, 1]) from ``sklearn.datasets.load_digits``,
+  split by a seeded permutation into 1,297 training points and two test sets of 250,
+  ``validation`` and ``holdout``;
+* ``flip_fraction`` (3 %) of the training labels replaced by another class, recorded in
+  ``flipped`` so the data audit has something true to find;
+* an MLP 64 → 32 → 10 (tanh), 2,410 parameters, trained full-batch with Adam and weight
+  decay in a few seconds on a CPU; the checkpoint (a plain state dict, loaded with
+  ``weights_only=True``) is cached under a directory keyed by the training settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+N_FEATURES = 64
+N_CLASSES = 10
+
+
+@dataclass(frozen=True)
+class DigitsData:
+    """Arrays of the example; ``train_ids`` etc. are indices into sklearn's digits."""
+
+    x_train: np.ndarray  # (n_train, 64) float32
+    y_train: np.ndarray  # (n_train,) int64, with the flipped labels
+    y_train_clean: np.ndarray  # (n_train,) the original labels
+    flipped: np.ndarray  # (n_flipped,) positions in the training set whose label was flipped
+    train_ids: np.ndarray
+    test_sets: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]  # name -> (x, y, ids)
+
+
+def load_digits_data(seed: int = 0, flip_fraction: float = 0.03, n_test: int = 250) -> DigitsData:
+    """Split the digits deterministically and flip ``flip_fraction`` of the training labels."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data / 16.0).astype(np.float32)
+    y = digits.target.astype(np.int64)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(y))
+    val, hold, train = order[:n_test], order[n_test : 2 * n_test], order[2 * n_test :]
+    y_train_clean = y[train]
+    n_flip = round(flip_fraction * len(train))
+    flipped = np.sort(rng.choice(len(train), size=n_flip, replace=False))
+    y_train = y_train_clean.copy()
+    offsets = rng.integers(1, N_CLASSES, size=n_flip)
+    y_train[flipped] = (y_train_clean[flipped] + offsets) % N_CLASSES
+    return DigitsData(
+        x_train=x[train],
+        y_train=y_train,
+        y_train_clean=y_train_clean,
+        flipped=flipped,
+        train_ids=train,
+        test_sets={
+            "validation": (x[val], y[val], val),
+            "holdout": (x[hold], y[hold], hold),
+        },
+    )
+
+
+def make_model(hidden: int = 32) -> torch.nn.Module:
+    """The example's MLP: 64 → hidden → 10 with tanh."""
+    return torch.nn.Sequential(
+        torch.nn.Linear(N_FEATURES, hidden),
+        torch.nn.Tanh(),
+        torch.nn.Linear(hidden, N_CLASSES),
+    )
+
+
+def train_model(
+    data: DigitsData,
+    seed: int = 0,
+    epochs: int = 400,
+    lr: float = 0.01,
+    weight_decay: float = 1e-3,
+    hidden: int = 32,
+) -> torch.nn.Module:
+    """Train the MLP full-batch with Adam (a few seconds on one CPU core)."""
+    torch.manual_seed(seed)
+    model = make_model(hidden)
+    x = torch.from_numpy(data.x_train)
+    y = torch.from_numpy(data.y_train)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("INFLUENCE_PIPELINE_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "influence_pipeline"
+    )
+    return Path(root)
+
+
+def cached_checkpoint(
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    flip_fraction: float = 0.03,
+    hidden: int = 32,
+) -> Path:
+    """Path of the trained example checkpoint, training it on first use."""
+    settings = {
+        "seed": seed,
+        "flip_fraction": flip_fraction,
+        "hidden": hidden,
+        "epochs": 400,
+        "v": 1,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
+    directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = directory / f"digits-mlp-{key}.pt"
+    if not path.exists():
+        data = load_digits_data(seed=seed, flip_fraction=flip_fraction)
+        model = train_model(data, seed=seed, hidden=hidden)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    return path
+
+
+def load_model(checkpoint: str | Path, hidden: int = 32) -> torch.nn.Module:
+    model = make_model(hidden)
+    model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+    model.eval()
+    return model

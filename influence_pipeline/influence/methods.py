@@ -1,0 +1,464 @@
+"""The influence methods, with pyDVL 0.10's constructor arguments and defaults.
+
+Each method only builds the inverse-curvature operator of one parameter block:
+
+=============================  =================================================================
+DirectInfluence                dense A (one pass over the data), Cholesky/LU solve of A + λI
+CgInfluence                    (block) conjugate gradient on streamed products, preconditioners
+LissaInfluence                 the LiSSA recursion on sampled batches
+ArnoldiInfluence               top eigenpairs by restarted block Krylov, V (D + λ)⁻¹ Vᵀ
+EkfacInfluence                 eigenvalue-corrected K-FAC of Linear layers (one block per layer)
+NystroemSketchInfluence        randomized Nyström sketch, Woodbury inverse
+InverseHarmonicMeanInfluence   (1/N) Σᵢ (gᵢgᵢᵀ + λI)⁻¹ by Sherman–Morrison
+=============================  =================================================================
+
+Arguments beyond pyDVL's (``seed``) come last and default to pyDVL's behaviour.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .batch import TorchBatch
+from .blocks import BlockStructure
+from .cg import CgOperator
+from .composable import RegularizationType, TorchComposableInfluence
+from .composition import TorchBlockMapper, TorchOperatorGradientComposition
+from .curvature import curvature_operator
+from .direct import DirectSolveOperator
+from .ekfac import EkfacLayerFactors, EkfacOperator, active_linear_layers, fit_ekfac_factors
+from .gradient_provider import LossType
+from .ihm import InverseHarmonicMeanOperator
+from .influence_model import fit_required
+from .lissa import LissaOperator
+from .low_rank import LowRankOperator
+from .preconditioner import Preconditioner
+from .spectral import operator_nystroem_approximation, operator_spectral_approximation
+from .types import BlockMode, InfluenceMode, SecondOrderMode
+
+
+def _check_mode(mode: SecondOrderMode) -> SecondOrderMode:
+    if not isinstance(mode, SecondOrderMode):
+        raise TypeError(f"second_order_mode must be a SecondOrderMode, got {mode!r}.")
+    return mode
+
+
+class DirectInfluence(TorchComposableInfluence):
+    """Exact inverse of each block's curvature: A_B is formed densely (P_B × P_B, one pass
+    over the data) and A_B + λ_B I is factored once.
+
+    Args:
+        model, loss: the model and its loss ``loss(output, target)``.
+        regularization: λ ≥ 0 for every block, or a mapping block → λ | None.
+        block_structure: a :class:`BlockMode` or a mapping block → parameter names.
+        second_order_mode: Hessian or Gauss-Newton curvature.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossType,
+        regularization: RegularizationType = None,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+    ) -> None:
+        self.loss = loss
+        self.second_order_mode = _check_mode(second_order_mode)
+        super().__init__(model, block_structure, regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        op = DirectSolveOperator(curvature.dense(), regularization=regularization)
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+
+class CgInfluence(TorchComposableInfluence):
+    """Conjugate gradient on streamed curvature products, all right-hand sides per batched
+    product (see :mod:`~influence_pipeline.influence.cg`).
+
+    Args:
+        model, loss, regularization, block_structure, second_order_mode: as DirectInfluence.
+        rtol, atol: stop a right-hand side at ‖r‖ ≤ max(rtol·‖b‖, atol).
+        maxiter: iteration limit (default 10·P).
+        progress: log progress.
+        precompute_grad: accepted for pyDVL compatibility (no effect).
+        preconditioner: a :class:`Preconditioner`; a copy is fitted for every block.
+        solve_simultaneously: block CG instead of per-RHS CG.
+        warn_on_max_iteration: warn when maxiter is reached.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossType,
+        regularization: RegularizationType = None,
+        rtol: float = 1e-4,
+        atol: float = 1e-6,
+        maxiter: int | None = None,
+        progress: bool = False,
+        precompute_grad: bool = False,
+        preconditioner: Preconditioner | None = None,
+        solve_simultaneously: bool = False,
+        warn_on_max_iteration: bool = True,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+    ) -> None:
+        self.loss = loss
+        self.rtol = rtol
+        self.atol = atol
+        self.maxiter = maxiter
+        self.progress = progress
+        self.precompute_grad = precompute_grad
+        if preconditioner is not None and not isinstance(preconditioner, Preconditioner):
+            raise TypeError(
+                f"preconditioner must be a Preconditioner, got {type(preconditioner).__name__}."
+            )
+        self.preconditioner = preconditioner
+        self.solve_simultaneously = solve_simultaneously
+        self.warn_on_max_iteration = warn_on_max_iteration
+        self.second_order_mode = _check_mode(second_order_mode)
+        super().__init__(model, block_structure, regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        preconditioner = None
+        if self.preconditioner is not None:
+            preconditioner = copy.deepcopy(self.preconditioner).fit(curvature, regularization)
+        op = CgOperator(
+            curvature,
+            regularization,
+            rtol=self.rtol,
+            atol=self.atol,
+            maxiter=self.maxiter,
+            progress=self.progress,
+            preconditioner=preconditioner,
+            use_block_cg=self.solve_simultaneously,
+            warn_on_max_iteration=self.warn_on_max_iteration,
+        )
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+
+class LissaInfluence(TorchComposableInfluence):
+    """LiSSA (see :mod:`~influence_pipeline.influence.lissa`): returns
+    (A + (λ + dampen·scale) I)⁻¹ at convergence.
+
+    Args:
+        model, loss, regularization, block_structure, second_order_mode: as DirectInfluence.
+        maxiter, dampen, scale, rtol: the recursion's parameters.
+        progress, warn_on_max_iteration: logging.
+        seed: seed of the batch sampling (extra to pyDVL; None draws one at fit time).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossType,
+        regularization: RegularizationType = None,
+        maxiter: int = 1000,
+        dampen: float = 0.0,
+        scale: float = 10.0,
+        rtol: float = 1e-4,
+        progress: bool = False,
+        warn_on_max_iteration: bool = True,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        seed: int | None = None,
+    ) -> None:
+        self.loss = loss
+        self.maxiter = maxiter
+        self.dampen = dampen
+        self.scale = scale
+        self.rtol = rtol
+        self.progress = progress
+        self.warn_on_max_iteration = warn_on_max_iteration
+        self.second_order_mode = _check_mode(second_order_mode)
+        self.seed = seed
+        super().__init__(model, block_structure, regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        op = LissaOperator(
+            curvature,
+            regularization,
+            maxiter=self.maxiter,
+            dampen=self.dampen,
+            scale=self.scale,
+            rtol=self.rtol,
+            progress=self.progress,
+            warn_on_max_iteration=self.warn_on_max_iteration,
+            seed=self.seed,
+        )
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+
+class ArnoldiInfluence(TorchComposableInfluence):
+    """Low-rank inverse from the top ``rank`` eigenpairs (largest |λ|) of each block's
+    curvature, found by a restarted block Krylov (Lanczos/Arnoldi) method on streamed
+    products; V (D + λ)⁻¹ Vᵀ, plus (1/λ)(I − VVᵀ) with ``use_woodbury``.
+
+    Args:
+        model, loss, regularization, block_structure, second_order_mode: as DirectInfluence.
+        rank: number of eigenpairs per block.
+        krylov_dimension: Krylov basis size (default min(P, max(2·rank + 1, 20))).
+        tol: eigenpair residual tolerance relative to the largest eigenvalue.
+        max_iter: maximum number of restarts.
+        eigen_computation_on_gpu: accepted for pyDVL compatibility: the eigen computation
+            always runs on the model's device.
+        use_woodbury: add the (1/λ)(I − VVᵀ) term (needs λ > 0).
+        seed: seed of the Krylov start block (extra to pyDVL).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossType,
+        regularization: RegularizationType = None,
+        rank: int = 10,
+        krylov_dimension: int | None = None,
+        tol: float = 1e-6,
+        max_iter: int | None = None,
+        eigen_computation_on_gpu: bool = False,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        use_woodbury: bool = False,
+        seed: int | None = None,
+    ) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank}.")
+        self.loss = loss
+        self.rank = rank
+        self.krylov_dimension = krylov_dimension
+        self.tol = tol
+        self.max_iter = max_iter
+        self.eigen_computation_on_gpu = eigen_computation_on_gpu
+        self.use_woodbury = use_woodbury
+        self.second_order_mode = _check_mode(second_order_mode)
+        self.seed = seed
+        self._requires_positive_regularization = bool(use_woodbury)
+        super().__init__(model, block_structure, regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        representation = operator_spectral_approximation(
+            curvature,
+            self.rank,
+            krylov_dimension=self.krylov_dimension,
+            tol=self.tol,
+            max_iter=self.max_iter,
+            seed=self.seed,
+        )
+        op = LowRankOperator(representation, regularization, exact=self.use_woodbury)
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+
+class NystroemSketchInfluence(TorchComposableInfluence):
+    """Randomized Nyström approximation U Λ Uᵀ of each block's curvature from one batched
+    product of ``rank`` vectors, inverted by Woodbury:
+    U (Λ + λI)⁻¹ Uᵀ + (1/λ)(I − UUᵀ). Needs λ > 0.
+
+    Args:
+        model, loss, block_structure, second_order_mode: as DirectInfluence.
+        regularization: λ > 0 (float or per-block mapping).
+        rank: sketch size.
+        seed: seed of the sketch (extra to pyDVL).
+    """
+
+    _requires_positive_regularization = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossType,
+        regularization: float | Mapping[str, float],
+        rank: int,
+        block_structure: BlockStructure = BlockMode.FULL,
+        second_order_mode: SecondOrderMode = SecondOrderMode.HESSIAN,
+        seed: int | None = None,
+    ) -> None:
+        if rank < 1:
+            raise ValueError(f"rank must be a positive integer, got {rank}.")
+        self.loss = loss
+        self.rank = rank
+        self.second_order_mode = _check_mode(second_order_mode)
+        self.seed = seed
+        super().__init__(model, block_structure, regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block_params
+        )
+        representation = operator_nystroem_approximation(curvature, self.rank, seed=self.seed)
+        op = LowRankOperator(representation, regularization, exact=True)
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+
+class InverseHarmonicMeanInfluence(TorchComposableInfluence):
+    """Replace A⁻¹ by (1/N) Σᵢ (gᵢgᵢᵀ + λI)⁻¹ (see :mod:`~influence_pipeline.influence.ihm`);
+    every application streams the fit data once. Needs λ > 0 for every block.
+
+    Args:
+        model, loss, block_structure: as DirectInfluence.
+        regularization: λ > 0 (float or a mapping that covers every block).
+    """
+
+    _requires_positive_regularization = True
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        loss: LossType,
+        regularization: float | Mapping[str, float],
+        block_structure: BlockStructure = BlockMode.FULL,
+    ) -> None:
+        self.loss = loss
+        super().__init__(model, block_structure, regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        assert regularization is not None
+        op = InverseHarmonicMeanOperator(self.model, self.loss, data, regularization, block_params)
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+
+class EkfacInfluence(TorchComposableInfluence):
+    """EK-FAC for classifiers trained with cross-entropy: one block per Linear layer (named
+    after the module), curvature = the Fisher of the model's predictive distribution
+    (see :mod:`~influence_pipeline.influence.ekfac`).
+
+    Args:
+        model: a classifier producing (N, C) logits; its trainable leaf modules must be
+            Linear layers.
+        update_diagonal: refit the eigenvalues in the Kronecker eigenbasis (EK-FAC) instead
+            of the K-FAC products Λ_G ⊗ Λ_A (one more pass over the data).
+        hessian_regularization: λ ≥ 0 added to every layer's eigenvalues.
+        progress: accepted for pyDVL compatibility.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        update_diagonal: bool = False,
+        hessian_regularization: float = 0.0,
+        progress: bool = False,
+    ) -> None:
+        self.loss = F.cross_entropy
+        self.update_diagonal = update_diagonal
+        self.hessian_regularization = hessian_regularization
+        self.progress = progress
+        layers = active_linear_layers(model)
+        self.active_layers = layers
+        block_structure = OrderedDict(
+            (name, [f"{name}.{n}" for n, _ in module.named_parameters()])
+            for name, module in layers.items()
+        )
+        super().__init__(model, block_structure, hessian_regularization)
+
+    @property
+    def is_thread_safe(self) -> bool:
+        return False
+
+    def _create_block(
+        self, block_params: list[str], data: Iterable[Any], regularization: float | None
+    ) -> TorchOperatorGradientComposition[Any]:  # pragma: no cover - fitted jointly
+        raise NotImplementedError("EK-FAC fits all layers in one pass; see _create_block_mapper.")
+
+    def _create_block_mapper(self, data: Iterable[Any]) -> TorchBlockMapper:
+        factors = fit_ekfac_factors(self.model, data, update_diagonal=self.update_diagonal)
+        return self._mapper_from_factors(factors)
+
+    def _mapper_from_factors(self, factors: Mapping[str, EkfacLayerFactors]) -> TorchBlockMapper:
+        blocks: OrderedDict[str, TorchOperatorGradientComposition[Any]] = OrderedDict()
+        for name, names in self.parameter_blocks.items():
+            op = EkfacOperator(factors[name], self._regularization_dict[name])
+            blocks[name] = TorchOperatorGradientComposition(op, self._gradient_provider(names))
+        return TorchBlockMapper(blocks)
+
+    # pyDVL's layer-named spellings of the block-wise queries
+    def influences_by_layer(
+        self,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> OrderedDict[str, torch.Tensor]:
+        return self.influences_by_block(x_test, y_test, x, y, mode)
+
+    def influence_factors_by_layer(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> OrderedDict[str, torch.Tensor]:
+        return self.influence_factors_by_block(x, y)
+
+    def influences_from_factors_by_layer(
+        self,
+        z_test_factors: torch.Tensor | OrderedDict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> OrderedDict[str, torch.Tensor]:
+        return self.influences_from_factors_by_block(z_test_factors, x, y, mode)
+
+    @fit_required
+    def explore_hessian_regularization(
+        self, x: torch.Tensor, y: torch.Tensor, regularization_values: Sequence[float]
+    ) -> dict[float, dict[str, torch.Tensor]]:
+        """Symmetric per-layer influences of (x, y) for several λ, from one gradient pass."""
+        batch = TorchBatch(x, y)
+        result: dict[float, dict[str, torch.Tensor]] = {}
+        grads = {name: comp.gp.flat_grads(batch) for name, comp in self._mapper.items()}
+        for value in regularization_values:
+            per_layer = {}
+            for name, comp in self._mapper.items():
+                op = EkfacOperator(comp.op.factors, value)  # type: ignore[attr-defined]
+                per_layer[name] = op.apply(grads[name]) @ grads[name].T
+            result[float(value)] = per_layer
+        return result
