@@ -84,16 +84,16 @@ class CurvatureOperator(TensorDictOperator):
     def _apply_to_mat(self, mat: torch.Tensor) -> torch.Tensor:
         total = torch.zeros_like(mat)
         n = 0
-        for batch in iterate_batches(self.data):
-            total += self.batch_prod_sum(batch, mat)
+        for index, batch in enumerate(iterate_batches(self.data)):
+            product = self.batch_prod_sum(batch, mat)
+            if not bool(torch.isfinite(product).all()):
+                raise ValueError(
+                    f"Curvature products on batch {index} of the fit data are not finite: the "
+                    "loss or its derivatives contain NaN/inf there."
+                )
+            total += product
             n += len(batch)
-        result = total / self._record_samples(n)
-        if not bool(torch.isfinite(result).all()):
-            raise ValueError(
-                "Curvature products are not finite: the loss or its derivatives on the fit "
-                "data contain NaN/inf."
-            )
-        return result
+        return total / self._record_samples(n)
 
     def dense(self) -> torch.Tensor:
         """The (P, P) matrix A, in one pass over the data."""
