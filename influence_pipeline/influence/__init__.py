@@ -45,6 +45,7 @@ from .spectral import (
     operator_spectral_approximation,
     randomized_nystroem_approximation,
 )
+from .state import BlockState, FittedState, fitted_state, restore_influence
 from .tensor_operator import MatrixOperator, TensorDictOperator, TensorOperator
 from .types import (
     Batch,
@@ -66,6 +67,7 @@ __all__ = [
     "BilinearForm",
     "BlockMapper",
     "BlockMode",
+    "BlockState",
     "CgInfluence",
     "CgOperator",
     "ComposableInfluence",
@@ -76,6 +78,7 @@ __all__ = [
     "EkfacInfluence",
     "EkfacLayerFactors",
     "EkfacOperator",
+    "FittedState",
     "GaussNewtonOperator",
     "GradientProvider",
     "HessianOperator",
@@ -110,7 +113,9 @@ __all__ = [
     "UnsupportedInfluenceModeException",
     "build_parameter_blocks",
     "fit_ekfac_factors",
+    "fitted_state",
     "operator_nystroem_approximation",
     "operator_spectral_approximation",
     "randomized_nystroem_approximation",
+    "restore_influence",
 ]

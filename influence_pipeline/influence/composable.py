@@ -23,8 +23,17 @@ from .composition import TorchBlockMapper, TorchOperatorGradientComposition, _ch
 from .gradient_provider import LossType, TorchGradientProvider
 from .influence_model import ComposableInfluence, fit_required
 from .regularization import check_regularization
+from .state import (
+    JSON,
+    BlockState,
+    FittedState,
+    decode_block_structure,
+    encode_block_structure,
+    loss_name,
+    resolve_loss,
+)
 from .tensor_operator import TensorOperator
-from .types import BlockMode, InfluenceMode, UnsupportedInfluenceModeException
+from .types import BlockMode, InfluenceMode, SecondOrderMode, UnsupportedInfluenceModeException
 
 RegularizationType = float | Mapping[str, float | None] | None
 
@@ -204,3 +213,88 @@ class TorchComposableInfluence(
         if self.block_mapper is not None:
             self.block_mapper = self.block_mapper.to(device)
         return self
+
+    # ------------------------------------------------------------------ fitted state
+    #: Methods whose operators stream the fit data at query time (CG, LiSSA, IHM).
+    _needs_fit_data_at_query = False
+
+    def _config(self) -> dict[str, JSON]:
+        """Constructor arguments as JSON (decoded by :meth:`_from_config`)."""
+        config: dict[str, JSON] = {
+            "regularization": dict(self._regularization_dict),
+            "block_structure": encode_block_structure(self.block_structure),
+        }
+        mode = getattr(self, "second_order_mode", None)
+        if isinstance(mode, SecondOrderMode):
+            config["second_order_mode"] = mode.value
+        return config
+
+    @classmethod
+    def _from_config(
+        cls, model: torch.nn.Module, loss: LossType, config: Mapping[str, JSON]
+    ) -> TorchComposableInfluence:
+        kwargs = dict(config)
+        if "block_structure" in kwargs:
+            kwargs["block_structure"] = decode_block_structure(kwargs["block_structure"])
+        if "second_order_mode" in kwargs:
+            kwargs["second_order_mode"] = SecondOrderMode(kwargs["second_order_mode"])
+        constructor: Any = cls  # each method's own signature: (model, loss, **config)
+        return constructor(model, loss, **kwargs)
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        """(attributes, tensors) of one fitted block."""
+        raise NotImplementedError
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        raise NotImplementedError
+
+    @fit_required
+    def _fitted_state(self) -> FittedState:
+        blocks = []
+        for name, composition in self._mapper.items():
+            attrs, tensors = self._block_state(composition)
+            attrs = {"regularization": self._regularization_dict[name], **attrs}
+            blocks.append(BlockState(name, list(self.parameter_blocks[name]), attrs, tensors))
+        return FittedState(type(self).__name__, self._config(), loss_name(self.loss), blocks)
+
+    @classmethod
+    def _from_fitted_state(
+        cls,
+        state: FittedState,
+        model: torch.nn.Module,
+        loss: LossType | None,
+        data: Iterable[Any] | None,
+    ) -> TorchComposableInfluence:
+        if loss is None:
+            loss = resolve_loss(state.loss)
+        instance = cls._from_config(model, loss, state.config)
+        if instance.parameter_blocks != OrderedDict(state.block_structure):
+            raise ValueError(
+                f"The fitted state has blocks {state.block_structure} but the model gives "
+                f"{list(instance.parameter_blocks.items())}: it was fitted for another model "
+                "or block structure."
+            )
+        if cls._needs_fit_data_at_query and data is None:
+            raise ValueError(
+                f"{cls.__name__} streams the fit data at query time: pass the training data "
+                "loader to restore it."
+            )
+        blocks: OrderedDict[str, TorchOperatorGradientComposition[TensorOperator]] = OrderedDict()
+        device = instance.model_device
+        for block in state.blocks:
+            moved = BlockState(
+                block.name,
+                block.parameters,
+                block.attrs,
+                {k: t.to(device) for k, t in block.tensors.items()},
+            )
+            blocks[block.name] = instance._restore_block(moved, data)
+        instance._regularization_dict = {
+            b.name: b.attrs.get("regularization") for b in state.blocks
+        }
+        instance.block_mapper = TorchBlockMapper(blocks)
+        return instance

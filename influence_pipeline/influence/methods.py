@@ -37,9 +37,10 @@ from .gradient_provider import LossType
 from .ihm import InverseHarmonicMeanOperator
 from .influence_model import fit_required
 from .lissa import LissaOperator
-from .low_rank import LowRankOperator
-from .preconditioner import Preconditioner
+from .low_rank import LowRankOperator, LowRankProductRepresentation
+from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 from .spectral import operator_nystroem_approximation, operator_spectral_approximation
+from .state import JSON, BlockState
 from .types import BlockMode, InfluenceMode, SecondOrderMode
 
 
@@ -84,6 +85,17 @@ class DirectInfluence(TorchComposableInfluence):
         )
         op = DirectSolveOperator(curvature.dense(), regularization=regularization)
         return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        return {}, {"matrix": composition.op.matrix}
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        op = DirectSolveOperator(block.tensors["matrix"], block.attrs["regularization"])
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block.parameters))
 
 
 class CgInfluence(TorchComposableInfluence):
@@ -159,6 +171,68 @@ class CgInfluence(TorchComposableInfluence):
         )
         return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
 
+    _needs_fit_data_at_query = True
+
+    def _config(self) -> dict[str, JSON]:
+        return {
+            **super()._config(),
+            "rtol": self.rtol,
+            "atol": self.atol,
+            "maxiter": self.maxiter,
+            "progress": self.progress,
+            "precompute_grad": self.precompute_grad,
+            "preconditioner": None if self.preconditioner is None else self.preconditioner.config(),
+            "solve_simultaneously": self.solve_simultaneously,
+            "warn_on_max_iteration": self.warn_on_max_iteration,
+        }
+
+    @classmethod
+    def _from_config(
+        cls, model: torch.nn.Module, loss: LossType, config: Mapping[str, JSON]
+    ) -> TorchComposableInfluence:
+        config = dict(config)
+        config["preconditioner"] = _preconditioner_from_config(config.get("preconditioner"))
+        return super()._from_config(model, loss, config)
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        op = composition.op
+        tensors = {}
+        if op.preconditioner is not None:
+            tensors = {
+                f"preconditioner.{k}": t for k, t in op.preconditioner.state_tensors().items()
+            }
+        return {}, tensors
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        assert data is not None
+        reg = block.attrs["regularization"]
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block.parameters
+        )
+        preconditioner = None
+        if self.preconditioner is not None:
+            preconditioner = copy.deepcopy(self.preconditioner)
+            prefix = "preconditioner."
+            preconditioner.load_state_tensors(
+                {k[len(prefix) :]: t for k, t in block.tensors.items() if k.startswith(prefix)}, reg
+            )
+        op = CgOperator(
+            curvature,
+            reg,
+            rtol=self.rtol,
+            atol=self.atol,
+            maxiter=self.maxiter,
+            progress=self.progress,
+            preconditioner=preconditioner,
+            use_block_cg=self.solve_simultaneously,
+            warn_on_max_iteration=self.warn_on_max_iteration,
+        )
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block.parameters))
+
 
 class LissaInfluence(TorchComposableInfluence):
     """LiSSA (see :mod:`~influence_pipeline.influence.lissa`): returns
@@ -219,6 +293,45 @@ class LissaInfluence(TorchComposableInfluence):
             seed=self.seed,
         )
         return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+    _needs_fit_data_at_query = True
+
+    def _config(self) -> dict[str, JSON]:
+        return {
+            **super()._config(),
+            "maxiter": self.maxiter,
+            "dampen": self.dampen,
+            "scale": self.scale,
+            "rtol": self.rtol,
+            "progress": self.progress,
+            "warn_on_max_iteration": self.warn_on_max_iteration,
+            "seed": self.seed,
+        }
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        return {"seed": composition.op.seed}, {}
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        assert data is not None
+        curvature = curvature_operator(
+            self.second_order_mode, self.model, self.loss, data, block.parameters
+        )
+        op = LissaOperator(
+            curvature,
+            block.attrs["regularization"],
+            maxiter=self.maxiter,
+            dampen=self.dampen,
+            scale=self.scale,
+            rtol=self.rtol,
+            progress=self.progress,
+            warn_on_max_iteration=self.warn_on_max_iteration,
+            seed=block.attrs["seed"],
+        )
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block.parameters))
 
 
 class ArnoldiInfluence(TorchComposableInfluence):
@@ -288,6 +401,28 @@ class ArnoldiInfluence(TorchComposableInfluence):
         op = LowRankOperator(representation, regularization, exact=self.use_woodbury)
         return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
 
+    def _config(self) -> dict[str, JSON]:
+        return {
+            **super()._config(),
+            "rank": self.rank,
+            "krylov_dimension": self.krylov_dimension,
+            "tol": self.tol,
+            "max_iter": self.max_iter,
+            "eigen_computation_on_gpu": self.eigen_computation_on_gpu,
+            "use_woodbury": self.use_woodbury,
+            "seed": self.seed,
+        }
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        return _low_rank_state(composition)
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        return _restore_low_rank(self, block, exact=self.use_woodbury)
+
 
 class NystroemSketchInfluence(TorchComposableInfluence):
     """Randomized Nyström approximation U Λ Uᵀ of each block's curvature from one batched
@@ -335,6 +470,19 @@ class NystroemSketchInfluence(TorchComposableInfluence):
         op = LowRankOperator(representation, regularization, exact=True)
         return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
 
+    def _config(self) -> dict[str, JSON]:
+        return {**super()._config(), "rank": self.rank, "seed": self.seed}
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        return _low_rank_state(composition)
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        return _restore_low_rank(self, block, exact=True)
+
 
 class InverseHarmonicMeanInfluence(TorchComposableInfluence):
     """Replace A⁻¹ by (1/N) Σᵢ (gᵢgᵢᵀ + λI)⁻¹ (see :mod:`~influence_pipeline.influence.ihm`);
@@ -367,6 +515,19 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
         assert regularization is not None
         op = InverseHarmonicMeanOperator(self.model, self.loss, data, regularization, block_params)
         return TorchOperatorGradientComposition(op, self._gradient_provider(block_params))
+
+    _needs_fit_data_at_query = True
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        return {}, {}
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        assert data is not None
+        return self._create_block(block.parameters, data, block.attrs["regularization"])
 
 
 class EkfacInfluence(TorchComposableInfluence):
@@ -422,6 +583,45 @@ class EkfacInfluence(TorchComposableInfluence):
             blocks[name] = TorchOperatorGradientComposition(op, self._gradient_provider(names))
         return TorchBlockMapper(blocks)
 
+    def _config(self) -> dict[str, JSON]:
+        return {
+            "update_diagonal": self.update_diagonal,
+            "hessian_regularization": self.hessian_regularization,
+            "progress": self.progress,
+        }
+
+    @classmethod
+    def _from_config(
+        cls, model: torch.nn.Module, loss: LossType, config: Mapping[str, JSON]
+    ) -> TorchComposableInfluence:
+        return cls(model, **config)
+
+    def _block_state(
+        self, composition: TorchOperatorGradientComposition[Any]
+    ) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+        f = composition.op.factors
+        attrs = {
+            "in_features": f.in_features,
+            "out_features": f.out_features,
+            "has_bias": f.has_bias,
+        }
+        return attrs, {"evecs_a": f.evecs_a, "evecs_g": f.evecs_g, "diag": f.diag}
+
+    def _restore_block(
+        self, block: BlockState, data: Iterable[Any] | None
+    ) -> TorchOperatorGradientComposition[Any]:
+        factors = EkfacLayerFactors(
+            block.name,
+            int(block.attrs["in_features"]),
+            int(block.attrs["out_features"]),
+            bool(block.attrs["has_bias"]),
+            block.tensors["evecs_a"],
+            block.tensors["evecs_g"],
+            block.tensors["diag"],
+        )
+        op = EkfacOperator(factors, block.attrs["regularization"])
+        return TorchOperatorGradientComposition(op, self._gradient_provider(block.parameters))
+
     # pyDVL's layer-named spellings of the block-wise queries
     def influences_by_layer(
         self,
@@ -462,3 +662,31 @@ class EkfacInfluence(TorchComposableInfluence):
                 per_layer[name] = op.apply(grads[name]) @ grads[name].T
             result[float(value)] = per_layer
         return result
+
+
+def _preconditioner_from_config(config: JSON) -> Preconditioner | None:
+    if config is None:
+        return None
+    kind = config.get("type")
+    if kind == "JacobiPreconditioner":
+        return JacobiPreconditioner(config["num_samples_estimator"], seed=config.get("seed"))
+    if kind == "NystroemPreconditioner":
+        return NystroemPreconditioner(config["rank"], seed=config.get("seed"))
+    raise ValueError(f"Unknown preconditioner {kind!r} in the fitted state.")
+
+
+def _low_rank_state(
+    composition: TorchOperatorGradientComposition[Any],
+) -> tuple[dict[str, JSON], dict[str, torch.Tensor]]:
+    representation = composition.op.low_rank_representation
+    return {}, {"eigen_vals": representation.eigen_vals, "projections": representation.projections}
+
+
+def _restore_low_rank(
+    influence: TorchComposableInfluence, block: BlockState, exact: bool
+) -> TorchOperatorGradientComposition[Any]:
+    representation = LowRankProductRepresentation(
+        block.tensors["eigen_vals"], block.tensors["projections"]
+    )
+    op = LowRankOperator(representation, block.attrs["regularization"], exact=exact)
+    return TorchOperatorGradientComposition(op, influence._gradient_provider(block.parameters))
