@@ -1,0 +1,61 @@
+"""Persisted influence artifacts in one Zarr store per workload.
+
+Layout under the store root (a local path or any fsspec URL: ``file://``, ``memory://``,
+``s3://`` with s3fs)::
+
+    block_mapper/               attrs: current version, its provenance
+      v-<digest>/               one fitted state: attrs (method, config, blocks) +
+        b<i>/<tensor>             a float array per operator tensor (no pickle)
+    factors/<test_set>/
+      values                    (n_test, P) float32|float64, row chunks, NaN = not computed
+      ids                       (n_test,) int64 test ids
+    scores/<test_set>           (n_test, n_columns) float32; each training shard owns whole
+                                Zarr shards along the train axis; attrs: the allocation
+                                shard → column range, the shard width
+    topk/<test_set>/<shard>/    per test point the shard's top-k helpful and harmful
+                                (values, rows within the shard)
+    train_stats/<test_set>/<shard>/  ids (n_rows,), and per training example the sum, min
+                                and max of its scores over the test set
+    _status/                    completion markers (small JSON files, written atomically)
+    tables/                     parquet tables written by the pipeline
+
+Rules:
+
+* Arrays are created, and training shards allocated, by one process before any fan-out
+  (``allocate_shards``; on a local store it also takes a file lock). A shard writer then
+  writes only the whole Zarr shards it owns, so parallel writers never share a Zarr shard
+  (Zarr silently loses data when two writers touch one shard).
+* Completion is a marker written after the data (and its summaries) are written and
+  synced; a writer first removes its marker, so a crash leaves the shard incomplete and
+  ``status()`` reports it missing; re-running redoes exactly the incomplete shards.
+* Every artifact carries provenance (model fingerprint, method and config, block
+  structure, data fingerprints, code and library versions, created_at); using factors of
+  another model, method or block structure, or loading a block mapper onto another model,
+  raises :class:`ProvenanceMismatchError`.
+* Every chunk carries a crc32c checksum; a corrupted chunk raises
+  :class:`StoreCorruptionError` naming the array and the chunk.
+"""
+
+from .errors import (
+    IncompleteArtifactError,
+    ProvenanceMismatchError,
+    StoreCorruptionError,
+    StoreError,
+)
+from .provenance import Provenance, data_fingerprint, model_fingerprint
+from .scoring import ShardWriter
+from .store import InfluenceStore, ShardResult, ShardSpec
+
+__all__ = [
+    "IncompleteArtifactError",
+    "InfluenceStore",
+    "Provenance",
+    "ProvenanceMismatchError",
+    "ShardResult",
+    "ShardSpec",
+    "ShardWriter",
+    "StoreCorruptionError",
+    "StoreError",
+    "data_fingerprint",
+    "model_fingerprint",
+]

@@ -1,0 +1,152 @@
+"""Fingerprints and provenance records of stored artifacts.
+
+A fingerprint is a BLAKE2b-128 digest over names, dtypes, shapes and raw bytes of tensors,
+in a fixed order: the model fingerprint hashes the state dict (parameters and buffers);
+a data fingerprint hashes the (x, y) tensors of every batch of a loader in order. Two
+runs on the same weights and data give the same fingerprints on any machine with the same
+byte order.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import platform
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+import influence_pipeline
+
+from .errors import ProvenanceMismatchError
+
+
+def _update_with_tensor(h: Any, name: str, tensor: torch.Tensor | np.ndarray) -> None:
+    if isinstance(tensor, torch.Tensor):
+        t = tensor.detach().cpu().contiguous()
+        dtype = str(t.dtype)
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        array = t.numpy()
+    else:
+        array = np.ascontiguousarray(tensor)
+        dtype = str(array.dtype)
+    h.update(f"{name}|{dtype}|{tuple(array.shape)}|".encode())
+    h.update(array.view(np.uint8).reshape(-1).data if array.size else b"")
+
+
+def tensors_fingerprint(tensors: Iterable[tuple[str, torch.Tensor | np.ndarray]]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for name, tensor in tensors:
+        _update_with_tensor(h, name, tensor)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: torch.nn.Module) -> str:
+    """Digest of the model's state dict (names, dtypes, shapes, values)."""
+    return tensors_fingerprint(sorted(model.state_dict().items()))
+
+
+class DataHasher:
+    """Incremental data fingerprint over the batches of a loader."""
+
+    def __init__(self) -> None:
+        self._h = hashlib.blake2b(digest_size=16)
+        self.n_rows = 0
+
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        _update_with_tensor(self._h, "x", x)
+        _update_with_tensor(self._h, "y", y)
+        self.n_rows += int(x.shape[0])
+
+    def hexdigest(self) -> str:
+        return self._h.hexdigest()
+
+
+def data_fingerprint(batches: Iterable[Any]) -> str:
+    """Digest of the (x, y) tensors of every batch, in order."""
+    from ..influence.batch import as_batch
+
+    hasher = DataHasher()
+    for item in batches:
+        batch = as_batch(item)
+        hasher.update(batch.x, batch.y)
+    return hasher.hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import zarr
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+@dataclass
+class Provenance:
+    """What produced an artifact."""
+
+    model_fingerprint: str
+    parameters: list[list[Any]]  # [[name, shape], ...] of the curvature's parameters, factor order
+    method: str
+    method_config: dict[str, Any]
+    block_structure: list[list[Any]]  # [[block, [parameter names]], ...]
+    loss: str | None
+    data_fingerprints: dict[str, str] = field(default_factory=dict)
+    code_version: str = influence_pipeline.__version__
+    library_versions: dict[str, str] = field(default_factory=library_versions)
+    created_at: str = field(
+        default_factory=lambda: _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+    )
+
+    @classmethod
+    def of(cls, influence: Any, **data_fingerprints: str) -> Provenance:
+        """The provenance of artifacts computed with a fitted influence model."""
+        from ..influence.state import loss_name
+
+        params = dict(influence.model.named_parameters())
+        return cls(
+            model_fingerprint=model_fingerprint(influence.model),
+            parameters=[[n, list(params[n].shape)] for n in influence.parameter_names],
+            method=type(influence).__name__,
+            method_config=influence._config(),
+            block_structure=[[b, list(p)] for b, p in influence.parameter_blocks.items()],
+            loss=loss_name(influence.loss),
+            data_fingerprints=dict(data_fingerprints),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Provenance:
+        return cls(**dict(value))
+
+    #: Fields that must agree for artifacts to be combined.
+    IDENTITY = ("model_fingerprint", "parameters", "method", "method_config", "block_structure")
+
+    def check_matches(self, other: Provenance, what: str, fields: Iterable[str] = IDENTITY) -> None:
+        """Raise :class:`ProvenanceMismatchError` naming every identity field that differs."""
+        differences = [
+            f"{name}: stored {getattr(self, name)!r}, given {getattr(other, name)!r}"
+            for name in fields
+            if _normalise(getattr(self, name)) != _normalise(getattr(other, name))
+        ]
+        if differences:
+            raise ProvenanceMismatchError(
+                f"{what} was produced by another model, method or block structure:\n  "
+                + "\n  ".join(differences)
+            )
+
+
+def _normalise(value: Any) -> Any:
+    """JSON round-trip normal form (tuples → lists, int/float keys → str)."""
+    import json
+
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
