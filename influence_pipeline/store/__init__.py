@@ -10,8 +10,9 @@ Layout under the store root (a local path or any fsspec URL: ``file://``, ``memo
       values                    (n_test, P) float32|float64, row chunks, NaN = not computed
       ids                       (n_test,) int64 test ids
     scores/<test_set>           (n_test, n_columns) float32; each training shard owns whole
-                                Zarr shards along the train axis; attrs: the allocation
-                                shard → column range, the shard width
+                                column blocks (one chunk wide, all test rows) along the
+                                train axis; attrs: the allocation shard → column range,
+                                the block width (``shard_width``)
     topk/<test_set>/<shard>/    per test point the shard's top-k helpful and harmful
                                 (values, rows within the shard)
     train_stats/<test_set>/<shard>/  ids (n_rows,), and per training example the sum, min
@@ -23,8 +24,11 @@ Rules:
 
 * Arrays are created, and training shards allocated, by one process before any fan-out
   (``allocate_shards``; on a local store it also takes a file lock). A shard writer then
-  writes only the whole Zarr shards it owns, so parallel writers never share a Zarr shard
-  (Zarr silently loses data when two writers touch one shard).
+  writes only the whole chunks it owns, so parallel writers never share a chunk (Zarr
+  silently loses data when two writers touch one chunk or shard). The scores use plain
+  ~8 MiB chunks rather than Zarr sharding: on the reference machine unsharded chunks wrote
+  ~780 MB/s and read ~1.1 GB/s against ~480/670 MB/s sharded (``benchmarks/store_benchmark.py``),
+  at the price of one file per chunk.
 * Completion is a marker written after the data (and its summaries) are written and
   synced; a writer first removes its marker, so a crash leaves the shard incomplete and
   ``status()`` reports it missing; re-running redoes exactly the incomplete shards.

@@ -2,23 +2,25 @@
 
 Persisting is apart from computing: a :class:`ShardWriter` takes score blocks
 (n_test, b[, *x.shape]) in training-row order and writes them into the shard's own column
-range of ``scores/<test_set>``, one whole Zarr shard at a time (a buffer of
-n_test × shard_width float32); it keeps, per test point, the k largest (most helpful) and
-k smallest (most harmful) scores with their rows, and per training example the sum, min
-and max over the test points; ``finish`` writes those summaries, syncs, and marks the
-shard complete. :func:`score_shard` feeds it S = F ∇_θℓ(z_j) for the stored factors F and
-a shard loader, one batch at a time. Memory: the factors, one batch of gradients, one Zarr
-shard of scores.
+range of ``scores/<test_set>``, one whole column block at a time (a buffer of
+n_test × block-width float32, written by a background thread while the next one fills).
+It keeps, per test point, the k largest (most helpful) and k smallest (most harmful)
+scores with their rows, and per training example the sum, min and max over the test
+points; ``finish`` writes those summaries, syncs, and marks the shard complete.
+:func:`score_shard` feeds it S = F ∇_θℓ(z_j) for the stored factors F and a shard loader,
+one batch at a time. Memory: the factors, one batch of gradients, two column blocks.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+import zarr
 
 from ..influence.types import InfluenceMode
 from .errors import IncompleteArtifactError, StoreError
@@ -30,24 +32,46 @@ if TYPE_CHECKING:
 
 
 class _RunningTopK:
-    """Per row, the k largest values seen so far and their column positions."""
+    """Per row, the k largest (or smallest) values seen so far, best first, and their
+    column positions. Once k values are held, a block only touches the rows where it
+    beats the current k-th value (one comparison pass otherwise)."""
 
-    def __init__(self, n_rows: int, k: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.k = k
-        self.values = torch.zeros((n_rows, 0), device=device, dtype=dtype)
-        self.positions = torch.zeros((n_rows, 0), dtype=torch.int64, device=device)
+    def __init__(self, n_rows: int, k: int, largest: bool) -> None:
+        self.k, self.sign = k, 1.0 if largest else -1.0
+        self.values = np.empty((n_rows, 0), np.float32)
+        self.positions = np.empty((n_rows, 0), np.int64)
 
-    def update(self, block: torch.Tensor, offset: int) -> None:
-        positions = torch.arange(offset, offset + block.shape[1], device=block.device)
-        values = torch.cat([self.values, block], dim=1)
-        positions = torch.cat([self.positions, positions.expand_as(block)], dim=1)
-        k = min(self.k, values.shape[1])
-        self.values, index = torch.topk(values, k, dim=1)
-        self.positions = torch.gather(positions, 1, index)
+    def _merge(
+        self, values: np.ndarray, positions: np.ndarray, block: np.ndarray, offset: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        k = min(self.k, block.shape[1])
+        index = np.argpartition(-self.sign * block, k - 1, axis=1)[:, :k]
+        values = np.concatenate([values, np.take_along_axis(block, index, 1)], axis=1)
+        positions = np.concatenate([positions, index + offset], axis=1)
+        order = np.argsort(-self.sign * values, axis=1, kind="stable")[:, : self.k]
+        return np.take_along_axis(values, order, 1), np.take_along_axis(positions, order, 1)
+
+    def update(self, block: np.ndarray, offset: int) -> None:
+        if self.values.shape[1] < self.k:
+            self.values, self.positions = self._merge(self.values, self.positions, block, offset)
+            return
+        kth = self.values[:, -1:]
+        rows = np.flatnonzero(((block > kth) if self.sign > 0 else (block < kth)).any(axis=1))
+        if rows.size:
+            values, positions = self._merge(
+                self.values[rows], self.positions[rows], block[rows], offset
+            )
+            self.values[rows], self.positions[rows] = values, positions
 
 
 class ShardWriter:
-    """Writes the scores of one allocated training shard (see the module docstring)."""
+    """Writes the scores of one allocated training shard (see the module docstring).
+
+    ``add`` hands each block to one background thread, which checks it, updates the
+    summaries and writes full column blocks, so the caller computes the next scores
+    meanwhile; at most two blocks wait. Errors of that thread surface at the next ``add``
+    or at ``finish``; nothing is marked complete unless ``finish`` returns.
+    """
 
     def __init__(
         self,
@@ -76,17 +100,76 @@ class ShardWriter:
         self.array = store._array(store._scores_path(test_set, mode))
         self.n_test = int(self.array.shape[0])
         store.location.delete(store._shard_marker(test_set, shard))
-        self.buffer = np.full(
-            (self.n_test, self.width, *self.array.shape[2:]), np.nan, dtype=np.float32
-        )
+        self.buffer = np.full((self.n_test, self.width, *self.array.shape[2:]), np.nan, np.float32)
         self.filled = 0
         self.next_column = self.start
-        self.rows = 0
-        self._helpful: _RunningTopK | None = None
-        self._harmful: _RunningTopK | None = None
+        self.rows = 0  # rows handed to add()
+        self._helpful = _RunningTopK(self.n_test, top_k, largest=True)
+        self._harmful = _RunningTopK(self.n_test, top_k, largest=False)
         self._stats: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._ids: list[np.ndarray] = []
+        self._pending: list[Future[None]] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self._started = time.perf_counter()
+
+    # ---------------------------------------------------------------- caller thread
+    def add(self, scores: torch.Tensor | np.ndarray, ids: Any = None) -> None:
+        """Append the scores of the next ``b`` training rows: (n_test, b[, *x.shape])."""
+        if scores.shape[0] != self.n_test or tuple(scores.shape[2:]) != tuple(self.array.shape[2:]):
+            raise StoreError(
+                f"Score blocks must have shape ({self.n_test}, b, {tuple(self.array.shape[2:])}), "
+                f"got {tuple(scores.shape)}."
+            )
+        n = int(scores.shape[1])
+        if self.rows + n > self.stop - self.start:
+            raise StoreError(
+                f"Shard {self.shard!r} yields more rows than its {self.stop - self.start}-column "
+                f"allocation ({self.expected_rows} rows): allocate it again with its new size."
+            )
+        if ids is not None:
+            self._ids.append(_as_ids(ids, n, "Batch ids"))
+        if isinstance(scores, torch.Tensor):
+            block = scores.detach().to("cpu", torch.float32).numpy()
+        else:
+            block = np.asarray(scores, dtype=np.float32)
+        while len(self._pending) >= 2:
+            self._pending.pop(0).result()  # re-raises a failure of the writer thread
+        self._pending.append(self._executor.submit(self._consume, block, self.rows))
+        self.rows += n
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.pop(0).result()
+
+    def close(self) -> None:
+        """Wait for the writer thread and stop it (also after a failure)."""
+        try:
+            self._drain()
+        finally:
+            self._executor.shutdown(wait=True)
+
+    # ---------------------------------------------------------------- writer thread
+    def _consume(self, block: np.ndarray, offset: int) -> None:
+        n = block.shape[1]
+        # float64 sums of float32 values cannot overflow: a non-finite sum means NaN/inf
+        sums = block.reshape(self.n_test, n, -1).sum(axis=(0, 2), dtype=np.float64)
+        if not np.isfinite(sums).all():
+            raise ValueError(
+                f"Scores of shard {self.shard!r} rows {offset}..{offset + n - 1} against "
+                f"{self.test_set!r} are not finite; the shard is not marked complete."
+            )
+        if self.mode is InfluenceMode.Up:
+            self._helpful.update(block, offset)
+            self._harmful.update(block, offset)
+            self._stats.append((sums, block.min(axis=0), block.max(axis=0)))
+        done = 0
+        while done < n:
+            take = min(self.width - self.filled, n - done)
+            self.buffer[:, self.filled : self.filled + take] = block[:, done : done + take]
+            self.filled += take
+            done += take
+            if self.filled == self.width:
+                self._flush()
 
     def _flush(self) -> None:
         self.array[:, self.next_column : self.next_column + self.width] = self.buffer
@@ -94,89 +177,48 @@ class ShardWriter:
         self.buffer[...] = np.nan
         self.filled = 0
 
-    def add(self, scores: torch.Tensor, ids: Any = None) -> None:
-        """Append the scores of the next ``b`` training rows: (n_test, b[, *x.shape])."""
-        n = int(scores.shape[1])
-        if scores.shape[0] != self.n_test:
-            raise StoreError(f"Score blocks need {self.n_test} test rows, got {scores.shape[0]}.")
-        if self.rows + n > self.stop - self.start:
-            raise StoreError(
-                f"Shard {self.shard!r} yields more rows than its {self.stop - self.start}-column "
-                f"allocation ({self.expected_rows} rows): allocate it again with its new size."
-            )
-        if not bool(torch.isfinite(scores).all()):
-            raise ValueError(
-                f"Scores of shard {self.shard!r} rows {self.rows}..{self.rows + n - 1} against "
-                f"{self.test_set!r} are not finite; the shard is not marked complete."
-            )
-        if self.mode is InfluenceMode.Up:
-            if self._helpful is None:
-                self._helpful = _RunningTopK(self.n_test, self.top_k, scores.device, scores.dtype)
-                self._harmful = _RunningTopK(self.n_test, self.top_k, scores.device, scores.dtype)
-            assert self._harmful is not None
-            self._helpful.update(scores, self.rows)
-            self._harmful.update(-scores, self.rows)
-            self._stats.append(
-                (
-                    scores.sum(dim=0).double().cpu().numpy(),
-                    scores.min(dim=0).values.cpu().numpy(),
-                    scores.max(dim=0).values.cpu().numpy(),
-                )
-            )
-        if ids is not None:
-            self._ids.append(_as_ids(ids, n, "Batch ids"))
-        block = scores.detach().to("cpu", torch.float32).numpy()
-        offset = 0
-        while offset < n:
-            take = min(self.width - self.filled, n - offset)
-            self.buffer[:, self.filled : self.filled + take] = block[:, offset : offset + take]
-            self.filled += take
-            offset += take
-            if self.filled == self.width:
-                self._flush()
-        self.rows += n
+    def _write_remaining(self) -> None:
+        while self.next_column < self.stop:  # the last, partly filled block and stale ones
+            self._flush()
 
+    # ---------------------------------------------------------------- completion
     def finish(
         self, data_fingerprint: str, ids: Sequence[int] | np.ndarray | None = None
     ) -> ShardResult:
         """Write what is left, the summaries, sync, and mark the shard complete."""
         store, test_set, shard = self.store, self.test_set, self.shard
         if self.rows != self.expected_rows:
+            self.close()
             raise StoreError(
                 f"Shard {shard!r} yielded {self.rows} rows but was allocated with "
                 f"{self.expected_rows}; the shard is not marked complete (allocate it again if "
                 "its data changed)."
             )
-        while self.next_column < self.stop:  # the last, partly filled Zarr shard and stale ones
-            self._flush()
+        self._pending.append(self._executor.submit(self._write_remaining))
+        self.close()
         if ids is not None:
             shard_ids = _as_ids(ids, self.rows, f"ids of shard {shard!r}")
         elif self._ids:
             shard_ids = np.concatenate(self._ids)
         else:
             shard_ids = np.arange(self.start, self.start + self.rows, dtype=np.int64)
-        stats = store.root.require_group("train_stats").require_group(test_set).require_group(shard)
+        stats = _require_group(store.root, f"train_stats/{test_set}/{shard}")
         _write(stats, "ids", shard_ids, ("train",))
         score_min = score_max = float("nan")
         if self.mode is InfluenceMode.Up:
-            assert self._helpful is not None and self._harmful is not None
             total, low, high = (np.concatenate(column) for column in zip(*self._stats, strict=True))
             score_min, score_max = float(low.min()), float(high.max())
             _write(stats, "sum", total, ("train",))
-            _write(stats, "min", low.astype(np.float32), ("train",))
-            _write(stats, "max", high.astype(np.float32), ("train",))
-            topk = store.root.require_group("topk").require_group(test_set).require_group(shard)
-            for name, tracker, sign in (
-                ("helpful", self._helpful, 1),
-                ("harmful", self._harmful, -1),
-            ):
-                values = (sign * tracker.values).to("cpu", torch.float32).numpy()
-                _write(topk, f"{name}_values", values, ("test", "k"))
-                _write(topk, f"{name}_rows", tracker.positions.cpu().numpy(), ("test", "k"))
+            _write(stats, "min", low, ("train",))
+            _write(stats, "max", high, ("train",))
+            topk = _require_group(store.root, f"topk/{test_set}/{shard}")
+            for name, tracker in (("helpful", self._helpful), ("harmful", self._harmful)):
+                _write(topk, f"{name}_values", tracker.values, ("test", "k"))
+                _write(topk, f"{name}_rows", tracker.positions, ("test", "k"))
         scores_key = store._scores_path(test_set, self.mode)
-        for row_shard in store.location.list_dirs(f"{scores_key}/c"):
-            for column_shard in range(self.start // self.width, self.stop // self.width):
-                store.location.sync_tree(f"{scores_key}/c/{row_shard}/{column_shard}")
+        for row_chunk in store.location.list_dirs(f"{scores_key}/c"):
+            for column_block in range(self.start // self.width, self.stop // self.width):
+                store.location.sync_tree(f"{scores_key}/c/{row_chunk}/{column_block}")
         store.location.sync_tree(f"train_stats/{test_set}/{shard}")
         store.location.sync_tree(f"topk/{test_set}/{shard}")
         seconds = time.perf_counter() - self._started
@@ -223,11 +265,25 @@ def score_shard(
         device=influence.model_device, dtype=influence.model_dtype
     )
     hasher = DataHasher()
-    for item in loader:
-        x, y, batch_ids = _split_item(item)
-        hasher.update(x, y)
-        writer.add(influence.influences_from_factors(factors, x, y, mode=mode), batch_ids)
-    return writer.finish(hasher.hexdigest(), ids)
+    try:
+        for item in loader:
+            x, y, batch_ids = _split_item(item)
+            hasher.update(x, y)
+            writer.add(influence.influences_from_factors(factors, x, y, mode=mode), batch_ids)
+        return writer.finish(hasher.hexdigest(), ids)
+    finally:
+        writer.close()
+
+
+def _require_group(root: Any, path: str) -> Any:
+    """Open or create a group; a group another writer creates meanwhile is simply opened."""
+    group = root
+    for name in path.split("/"):
+        try:
+            group = group.require_group(name)
+        except zarr.errors.ContainsGroupError:
+            group = group[name]
+    return group
 
 
 def _write(group: Any, name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:

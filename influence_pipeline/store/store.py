@@ -29,10 +29,11 @@ from .errors import (
 from .location import StoreLocation
 from .provenance import DataHasher, Provenance, model_fingerprint, tensors_fingerprint
 
-#: Target size of one chunk, and the upper bound of one Zarr shard of the scores array
-#: (a shard writer buffers one Zarr shard of scores in memory).
+#: Target size of one chunk of factors and fitted tensors.
 CHUNK_BYTES = 4 << 20
-MAX_ZARR_SHARD_BYTES = 32 << 20
+#: Target size of one chunk of scores; a column block (the unit a training shard owns) is
+#: one chunk wide, and a shard writer buffers one column block (n_test × width float32).
+SCORE_CHUNK_BYTES = 8 << 20
 
 _NAME = re.compile(r"^[A-Za-z0-9_.=-][A-Za-z0-9_.=@+-]*$")
 
@@ -302,6 +303,11 @@ class InfluenceStore:
         itemsize = np.dtype(dtype).itemsize
         cols = min(P, max(1, CHUNK_BYTES // itemsize))
         rows = max(1, CHUNK_BYTES // (itemsize * cols))
+        if n_rows is None and hasattr(loader, "dataset"):
+            try:
+                n_rows = len(loader.dataset)  # a size hint saves resizing
+            except TypeError:
+                n_rows = None
         values = group.create_array(
             "values",
             shape=(n_rows or 0, P),
@@ -313,6 +319,7 @@ class InfluenceStore:
             overwrite=True,
         )
         hasher = DataHasher()
+        factor_hasher = hashlib.blake2b(digest_size=16)  # of the values as written, in order
         collected_ids: list[np.ndarray] = []
         row = 0
         for item in loader:
@@ -328,6 +335,7 @@ class InfluenceStore:
             if row + len(block) > values.shape[0]:
                 values.resize((max(row + len(block), 2 * values.shape[0]), P))
             values[row : row + len(block)] = block
+            factor_hasher.update(np.ascontiguousarray(block).view(np.uint8).reshape(-1).data)
             if batch_ids is not None:
                 collected_ids.append(_as_ids(batch_ids, len(block), "Batch ids"))
             row += len(block)
@@ -351,7 +359,7 @@ class InfluenceStore:
             overwrite=True,
         )
         provenance.data_fingerprints["test_set"] = hasher.hexdigest()
-        factors_fp = tensors_fingerprint([("values", np.asarray(values[...]))])
+        factors_fp = factor_hasher.hexdigest()
         record = {
             "n_rows": row,
             "n_parameters": P,
@@ -428,7 +436,8 @@ class InfluenceStore:
         input_shape: Sequence[int] | None = None,
     ) -> dict[str, Any]:
         """Create the scores array of a test set (once) and give every new training shard
-        its column range: whole Zarr shards of ``shard_width`` columns, in the order given.
+        its column range: whole column blocks of ``shard_width`` columns (one chunk wide),
+        in the order given.
         A shard that grew beyond its range gets a new range at the end.
 
         Call from one process before fanning out shard writers. ``input_shape`` (the shape
@@ -459,15 +468,13 @@ class InfluenceStore:
                 allocation = dict(attrs["shards"])
                 order = list(attrs["order"])
             else:
-                width = shard_width or _default_shard_width(n_test, [s.n_rows for s in shards])
-                row_chunk = min(n_test, max(1, CHUNK_BYTES // (4 * min(width, 1024))))
-                col_chunk = _largest_divisor_at_most(width, max(1, CHUNK_BYTES // (4 * row_chunk)))
+                width = shard_width or _default_block_width(n_test, [s.n_rows for s in shards])
+                row_chunk = min(n_test, max(1, SCORE_CHUNK_BYTES // (4 * width)))
                 array = self.root.require_group("scores").create_array(
                     test_set,
                     shape=(n_test, 0),
                     dtype="float32",
-                    chunks=(row_chunk, col_chunk),
-                    shards=(math.ceil(n_test / row_chunk) * row_chunk, width),
+                    chunks=(row_chunk, width),
                     fill_value=np.nan,
                     compressors=_checksum_codecs(),
                     dimension_names=("test", "train"),
@@ -492,6 +499,8 @@ class InfluenceStore:
                 self.location.delete(self._shard_marker(test_set, spec.name))
             if n_columns != array.shape[1]:
                 array.resize((n_test, n_columns))
+            for prefix in ("topk", "train_stats"):  # parents of the shard writers' groups
+                self.root.require_group(prefix).require_group(test_set)
             array.attrs.update({"shard_width": width, "shards": allocation, "order": order})
             if input_shape is not None:
                 self._allocate_perturbation(test_set, n_test, n_columns, width, tuple(input_shape))
@@ -512,15 +521,12 @@ class InfluenceStore:
                 array.resize((n_test, n_columns, *input_shape))
             return
         features = int(np.prod(input_shape)) if input_shape else 1
-        cols = _largest_divisor_at_most(
-            width, max(1, CHUNK_BYTES // (4 * features * min(n_test, 64)))
-        )
+        row_chunk = min(n_test, max(1, SCORE_CHUNK_BYTES // (4 * width * features)))
         self.root.require_group("scores_perturbation").create_array(
             test_set,
             shape=(n_test, n_columns, *input_shape),
             dtype="float32",
-            chunks=(min(n_test, 64), cols, *input_shape),
-            shards=(math.ceil(n_test / min(n_test, 64)) * min(n_test, 64), width, *input_shape),
+            chunks=(row_chunk, width, *input_shape),
             fill_value=np.nan,
             compressors=_checksum_codecs(),
             dimension_names=("test", "train", *[f"input_{i}" for i in range(len(input_shape))]),
@@ -559,7 +565,7 @@ class InfluenceStore:
         """Score one training shard against the stored factors of ``test_set``.
 
         Streams ``loader`` (yielding (x, y) or (x, y, ids)) batch by batch, writes only
-        the Zarr shards this training shard owns (buffering one Zarr shard of scores),
+        the column blocks this training shard owns (buffering one block of scores),
         then its top-k and per-example statistics, then marks it complete.
         """
         from .scoring import score_shard
@@ -637,19 +643,12 @@ def _row_chunks(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     return (rows, *shape[1:])
 
 
-def _largest_divisor_at_most(n: int, limit: int) -> int:
-    for d in range(min(n, max(1, limit)), 0, -1):
-        if n % d == 0:
-            return d
-    return 1
-
-
-def _default_shard_width(n_test: int, shard_rows: Sequence[int]) -> int:
-    """Columns per Zarr shard: fit the typical training shard, at most 32 MiB of float32."""
-    cap = max(64, MAX_ZARR_SHARD_BYTES // (4 * max(1, n_test)))
-    typical = max(shard_rows) if shard_rows else 4096
-    width = min(cap, typical)
-    return max(1, 64 * math.ceil(width / 64)) if width >= 64 else width
+def _default_block_width(n_test: int, shard_rows: Sequence[int]) -> int:
+    """Columns per column block (= chunk width): the largest training shard, rounded up to
+    64, but a chunk of at most 2,048 test rows stays within SCORE_CHUNK_BYTES."""
+    cap = max(64, SCORE_CHUNK_BYTES // (4 * min(max(1, n_test), 2048)))
+    width = min(cap, max(shard_rows) if shard_rows else cap)
+    return 64 * math.ceil(width / 64) if width >= 64 else max(1, width)
 
 
 def _looks_like_corruption(error: BaseException) -> bool:
