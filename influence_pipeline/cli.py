@@ -1,87 +1,127 @@
-"""Command line: ``influence-pipeline run`` runs the main job on the bundled example."""
+"""Command line.
 
-from __future__ import annotations
+``influence-pipeline run`` materializes the whole graph of the bundled workload into the
+Dagster instance at ``$DAGSTER_HOME`` (default: ``./dagster_home``, made absolute), so the
+runs show up when the UI is opened afterwards: it registers the training shards (as the
+sensor does), then runs block_mapper, influence_factors per test set, influence_scores per
+test set × shard, influence_table per test set and data_audit, one Dagster run each,
+printing progress, and ends with the audit summary. Artifacts already in the store for the
+same inputs are reused, so a second run computes nothing new.
+"""
 
 import argparse
 import os
 import sys
 import time
+import warnings
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
-
-from .examples.digits import cached_checkpoint, load_digits_data, load_model
-from .influence import DirectInfluence
-from .store import InfluenceStore, ShardSpec
-
-DEFAULT_STORE = os.environ.get("INFLUENCE_STORE", "influence_store")
+import dagster as dg
 
 
-def run_engine_demo(store_path: str = DEFAULT_STORE, n_shards: int = 4, top: int = 5) -> int:
-    """The engine and the store on the bundled example: fit, factors of the validation
-    set, every training shard scored into the store, then the most helpful and most
-    harmful training examples for a few test points, read back with pandas."""
-    data = load_digits_data()
-    model = load_model(cached_checkpoint())
-    x_train, y_train = torch.from_numpy(data.x_train), torch.from_numpy(data.y_train)
-    ids_train = torch.from_numpy(data.train_ids)
-    x_test, y_test, ids_test = (torch.from_numpy(a) for a in data.test_sets["validation"])
-    start = time.perf_counter()
-    influence = DirectInfluence(model, F.cross_entropy, regularization=1e-2).fit(
-        DataLoader(TensorDataset(x_train, y_train), batch_size=256)
-    )
-    store = InfluenceStore(store_path)
-    store.save_block_mapper(influence)
-    store.write_factors(
-        "validation", influence, DataLoader(TensorDataset(x_test, y_test, ids_test), batch_size=64)
-    )
-    shards = np.array_split(np.arange(len(y_train)), n_shards)
-    store.allocate_shards(
-        "validation", [ShardSpec(f"shard-{i}", len(s)) for i, s in enumerate(shards)]
-    )
-    for i, rows in enumerate(shards):
-        loader = DataLoader(
-            TensorDataset(x_train[rows], y_train[rows], ids_train[rows]), batch_size=128
+def _instance() -> dg.DagsterInstance:
+    home = os.environ.get("DAGSTER_HOME") or str(Path("dagster_home").resolve())
+    os.environ["DAGSTER_HOME"] = str(Path(home).resolve())
+    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
+    return dg.DagsterInstance.get()
+
+
+def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+    """Evaluate training_shard_sensor once and apply its result (what the daemon does)."""
+    sensor = defs.resolve_sensor_def("training_shard_sensor")
+    result: Any = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+    for request in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(
+            request.partitions_def_name, list(request.partition_keys or [])
         )
-        store.write_shard_scores("validation", i, influence, loader)
-    print(
-        f"DirectInfluence on digits: fit, factors and {n_shards} shards in "
-        f"{time.perf_counter() - start:.1f} s, stored in {store.url}"
-    )
+    for event in result.asset_events:
+        instance.report_runless_asset_event(event)
+    return list(instance.get_dynamic_partitions("train_shards"))
 
-    top_k = store.top_k("validation", k=top)
-    flipped = set(data.train_ids[data.flipped].tolist())
-    label = dict(zip(data.train_ids.tolist(), data.y_train.tolist(), strict=True))
-    for test_id in top_k.test_id.unique()[:3]:
-        rows = top_k[top_k.test_id == test_id]
-        print(f"\ntest example {test_id}:")
-        for kind in ("helpful", "harmful"):
-            ids = rows[rows.kind == kind].sort_values("rank").train_id.tolist()
-            shown = ", ".join(
-                f"#{j} (label {label[j]}{', FLIPPED' if j in flipped else ''})" for j in ids
-            )
-            print(f"  most {kind:8s}: {shown}")
-    self_influence = influence.self_influences(x_train, y_train)
-    k = len(flipped)
-    top_self = set(data.train_ids[torch.topk(self_influence, k).indices.numpy()].tolist())
-    print(
-        f"\n{len(top_self & flipped)} of the {k} flipped training labels are among the {k} "
-        "largest self-influences."
-    )
-    return 0
+
+def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, test_sets: list[str]) -> Any:
+    """Materialize every asset partition in dependency order; returns the audit result."""
+    shards = register_shards(defs, instance)
+    assets: Any = list(defs.assets or [])
+    run_config = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    steps: list[tuple[str, str | dg.MultiPartitionKey | None]] = [("block_mapper", None)]
+    steps += [("influence_factors", t) for t in test_sets]
+    steps += [
+        ("influence_scores", dg.MultiPartitionKey({"test_set": t, "train_shard": s}))
+        for t in test_sets
+        for s in shards
+    ]
+    steps += [("influence_table", t) for t in test_sets]
+    steps += [("data_audit", None)]
+    tags = {"influence/main_job": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    result = None
+    for i, (key, partition) in enumerate(steps, 1):
+        label = key if partition is None else f"{key}[{partition}]"
+        print(f"[{i:2d}/{len(steps)}] {label:48s}", end="", flush=True)
+        start = time.perf_counter()
+        result = dg.materialize(
+            assets,
+            selection=[key],
+            partition_key=str(partition) if partition is not None else None,
+            instance=instance,
+            resources=defs.resources,
+            run_config=run_config,
+            tags=tags,
+            raise_on_error=False,
+        )
+        if not result.success:
+            print("FAILED")
+            for event in result.all_events:
+                if event.is_failure and event.step_failure_data is not None:
+                    print(
+                        event.step_failure_data.error.to_string()
+                        if event.step_failure_data.error
+                        else event
+                    )
+            raise SystemExit(1)
+        events = result.get_asset_materialization_events()
+        metadata = events[0].materialization.metadata if events else {}
+        reused = metadata.get("reused")
+        note = " (reused)" if reused is not None and reused.value else ""
+        failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
+        if failed_checks:
+            note += f"  CHECK FAILED: {', '.join(failed_checks)}"
+        print(f"{time.perf_counter() - start:6.1f} s{note}")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="influence-pipeline", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="influence-pipeline",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run the main job on the bundled example")
-    run.add_argument("--store", default=DEFAULT_STORE, help="artifact store path or URL")
+    sub.add_parser("run", help="materialize the whole graph of the bundled workload")
     args = parser.parse_args(argv)
-    if args.command == "run":
-        return run_engine_demo(args.store)
-    return 2  # pragma: no cover
+    if args.command != "run":  # pragma: no cover
+        return 2
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    instance = _instance()
+    from .definitions import defs, workload
+
+    print(f"influence_pipeline: workload {workload.name!r} — {workload.description}")
+    print(
+        f"Dagster instance: {os.environ['DAGSTER_HOME']}   store: {Path(workload.store).resolve()}"
+    )
+    start = time.perf_counter()
+    result = run_pipeline(defs, instance, list(workload.test_sets))
+    print(f"\nWhole graph materialized in {time.perf_counter() - start:.1f} s.\n")
+    metadata = result.get_asset_materialization_events()[0].materialization.metadata
+    summary = metadata["summary"].value.split("![audit]")[0].rstrip()
+    print(summary)
+    print(
+        "\nOpen the UI: DAGSTER_HOME=$PWD/dagster_home .venv/bin/dagster dev -h 127.0.0.1 -p 3000"
+        "\nRead the tables with pandas: see README.md, 'Reading results with pandas'."
+    )
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -17,8 +17,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -114,20 +116,23 @@ def cached_checkpoint(
     seed: int = 0,
     flip_fraction: float = 0.03,
     hidden: int = 32,
+    n_test: int = 250,
 ) -> Path:
-    """Path of the trained example checkpoint, training it on first use."""
+    """Path of the example checkpoint trained on the training split of these settings,
+    training it on first use."""
     settings = {
         "seed": seed,
         "flip_fraction": flip_fraction,
         "hidden": hidden,
         "epochs": 400,
         "v": 1,
+        **({} if n_test == 250 else {"n_test": n_test}),
     }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:12]
     directory = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = directory / f"digits-mlp-{key}.pt"
     if not path.exists():
-        data = load_digits_data(seed=seed, flip_fraction=flip_fraction)
+        data = load_digits_data(seed=seed, flip_fraction=flip_fraction, n_test=n_test)
         model = train_model(data, seed=seed, hidden=hidden)
         directory.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
@@ -141,3 +146,82 @@ def load_model(checkpoint: str | Path, hidden: int = 32) -> torch.nn.Module:
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model.eval()
     return model
+
+
+def write_digits_files(
+    data_dir: str | Path,
+    n_shards: int = 4,
+    n_test: int = 250,
+    seed: int = 0,
+    flip_fraction: float = 0.03,
+) -> DigitsData:
+    """Write the example as tensor files: ``train/shard-<i>.pt`` and ``test/<name>.pt``.
+
+    Training ids are indices into sklearn's digits, so results can be joined back to the
+    images. Files are rewritten only when missing (a user may replace or add shards).
+    """
+    from ..workload import ShardData, save_tensor_file
+
+    data = load_digits_data(seed=seed, flip_fraction=flip_fraction, n_test=n_test)
+    root = Path(data_dir)
+    for i, rows in enumerate(np.array_split(np.arange(len(data.y_train)), n_shards)):
+        path = root / "train" / f"shard-{i}.pt"
+        if not path.exists():
+            save_tensor_file(
+                path,
+                ShardData(
+                    torch.from_numpy(data.x_train[rows]),
+                    torch.from_numpy(data.y_train[rows]),
+                    torch.from_numpy(data.train_ids[rows]),
+                ),
+            )
+    for name, (x, y, ids) in data.test_sets.items():
+        path = root / "test" / f"{name}.pt"
+        if not path.exists():
+            save_tensor_file(
+                path, ShardData(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids))
+            )
+    return data
+
+
+def digits_workload(
+    data_dir: str | Path | None = None,
+    *,
+    n_shards: int = 4,
+    n_test: int = 250,
+    store: str = "influence_store",
+    method: Any = None,
+    cache_dir: str | Path | None = None,
+) -> Any:
+    """The bundled workload: digits, the cached MLP, ``n_shards`` training shard files and
+    the test sets ``validation`` and ``holdout`` (``n_test`` points each)."""
+    from ..workload import DirectoryShards, MethodSpec, Workload, load_tensor_file
+
+    directory = (
+        Path(data_dir)
+        if data_dir is not None
+        else default_cache_dir() / f"digits-data-{n_shards}-{n_test}"
+    )
+    data = write_digits_files(directory, n_shards=n_shards, n_test=n_test)
+    flipped_ids = data.train_ids[data.flipped].tolist()
+
+    def test_loader(name: str) -> Callable[[], Any]:
+        return lambda: load_tensor_file(directory / "test" / f"{name}.pt")
+
+    return Workload(
+        name="digits",
+        model_factory=make_model,
+        checkpoint=lambda: cached_checkpoint(cache_dir, n_test=n_test),
+        loss=torch.nn.functional.cross_entropy,
+        shards=DirectoryShards(directory / "train"),
+        test_sets={name: test_loader(name) for name in data.test_sets},
+        method=method or MethodSpec(method="direct", regularization=1e-2),
+        fit_shards=[f"shard-{i}" for i in range(n_shards)],
+        batch_size=256,
+        store=store,
+        known_mislabeled=lambda: flipped_ids,
+        description=(
+            "scikit-learn's 8x8 digits, an MLP 64-32-10, 3 % of the training labels flipped "
+            "on purpose (the audit should find them)."
+        ),
+    )

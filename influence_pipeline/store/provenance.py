@@ -51,19 +51,44 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 
 class DataHasher:
-    """Incremental data fingerprint over the batches of a loader."""
+    """Incremental fingerprint of (x, y) rows, independent of how they are batched: the
+    raw bytes of x and of y are hashed as two streams, then combined with their dtypes,
+    per-row shapes and the number of rows."""
 
     def __init__(self) -> None:
-        self._h = hashlib.blake2b(digest_size=16)
+        self._x = hashlib.blake2b(digest_size=16)
+        self._y = hashlib.blake2b(digest_size=16)
+        self._layout: tuple[str, ...] | None = None
         self.n_rows = 0
 
+    @staticmethod
+    def _bytes(tensor: torch.Tensor) -> tuple[str, memoryview]:
+        t = tensor.detach().cpu().contiguous()
+        dtype = str(t.dtype)
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        array = t.numpy()
+        return dtype, array.view(np.uint8).reshape(-1).data
+
     def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        _update_with_tensor(self._h, "x", x)
-        _update_with_tensor(self._h, "y", y)
+        x_dtype, x_bytes = self._bytes(x)
+        y_dtype, y_bytes = self._bytes(y)
+        layout = (x_dtype, str(tuple(x.shape[1:])), y_dtype, str(tuple(y.shape[1:])))
+        if self._layout is not None and layout != self._layout:
+            raise ValueError(
+                f"Batches disagree on dtype or row shape: {layout} after {self._layout}."
+            )
+        self._layout = layout
+        self._x.update(x_bytes)
+        self._y.update(y_bytes)
         self.n_rows += int(x.shape[0])
 
     def hexdigest(self) -> str:
-        return self._h.hexdigest()
+        h = hashlib.blake2b(digest_size=16)
+        h.update(f"{self._layout}|{self.n_rows}|".encode())
+        h.update(self._x.digest())
+        h.update(self._y.digest())
+        return h.hexdigest()
 
 
 def data_fingerprint(batches: Iterable[Any]) -> str:

@@ -286,10 +286,12 @@ class InfluenceStore:
         ids: Sequence[int] | np.ndarray | None = None,
         dtype: str = "float32",
         n_rows: int | None = None,
+        annotations: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Compute and store the influence factors of a test set, streaming ``loader``
         batch by batch (memory: one batch of gradients). ``loader`` yields (x, y) or
-        (x, y, ids); ids default to ``ids`` or 0..n-1. Returns the completion record."""
+        (x, y, ids); ids default to ``ids`` or 0..n-1. ``annotations`` (JSON) are kept in
+        the completion record. Returns the completion record."""
         self._writable()
         _check_name("test set", test_set)
         if dtype not in ("float32", "float64"):
@@ -367,12 +369,12 @@ class InfluenceStore:
             "data_fingerprint": hasher.hexdigest(),
             "factors_fingerprint": factors_fp,
             "seconds": time.perf_counter() - start_time,
+            **(annotations or {}),
         }
-        group.attrs.update({"provenance": provenance.to_json(), **record})  # type: ignore[dict-item]
+        group.attrs.update({"provenance": provenance.to_json(), **record})
         self.location.sync_tree(f"factors/{test_set}")
-        self.location.write_json(
-            self._factors_marker(test_set), {**record, "provenance": provenance.to_json()}
-        )
+        record = {**record, "provenance": provenance.to_json()}
+        self.location.write_json(self._factors_marker(test_set), record)
         return record
 
     def _check_against_block_mapper(self, provenance: Provenance) -> None:
@@ -601,6 +603,78 @@ class InfluenceStore:
                 "missing": [s for s in order if s not in complete],
             }
         return result
+
+    # ================================================================== tables (parquet)
+    def table_uri(self, name: str) -> str:
+        """Where table ``name`` ('<dir>/<file>' without .parquet) lives."""
+        parts = [_check_name("table", p) for p in name.split("/")]
+        key = "tables/" + "/".join(parts) + ".parquet"
+        return self.location.local_path(key) if self.location.is_local else self.location._join(key)
+
+    def write_table(self, name: str, frame: Any) -> str:
+        """Write a pandas DataFrame as parquet (zstd) under ``tables/``, atomically; returns
+        its path or URL."""
+        self._writable()
+        uri = self.table_uri(name)
+        if self.location.is_local:
+            os.makedirs(os.path.dirname(uri), exist_ok=True)
+            tmp = f"{uri}.{os.getpid()}.tmp"
+            frame.to_parquet(tmp, compression="zstd", index=False)
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, uri)
+        else:
+            with self.location.fs.open(uri, "wb") as handle:
+                frame.to_parquet(handle, compression="zstd", index=False)
+        return uri
+
+    def read_table(self, name: str) -> Any:
+        """The table ``name`` as a DataFrame, or None if it was never written."""
+        import pandas as pd
+
+        uri = self.table_uri(name)
+        if not self.location.fs.exists(uri):
+            return None
+        with self.location.fs.open(uri, "rb") as handle:
+            return pd.read_parquet(handle)
+
+    # ================================================================== per-example values
+    def write_example_values(
+        self, name: str, shard: str, values: dict[str, np.ndarray], attrs: dict[str, Any]
+    ) -> None:
+        """Per-training-example arrays of one shard (e.g. self-influence), with attributes
+        saying what they were computed from; one writer per (name, shard)."""
+        self._writable()
+        group_path = (
+            f"example_values/{_check_name('value set', name)}/{_check_name('shard', shard)}"
+        )
+        group = self.root.require_group("example_values").require_group(name)
+        try:
+            shard_group: Any = group.require_group(shard)
+        except zarr.errors.ContainsGroupError:
+            shard_group = group[shard]
+        shard_group.attrs.update({"complete": False})
+        for key, array in values.items():
+            shard_group.create_array(
+                key,
+                data=np.asarray(array),
+                compressors=_checksum_codecs(),
+                dimension_names=("train",),
+                overwrite=True,
+            )
+        self.location.sync_tree(group_path)
+        shard_group.attrs.update({**attrs, "complete": True})
+
+    def read_example_values(
+        self, name: str, shard: str
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
+        """(arrays, attributes) written by :meth:`write_example_values`, or None."""
+        path = f"example_values/{name}/{shard}"
+        node = self.root.get(path)
+        if not isinstance(node, zarr.Group) or not node.attrs.get("complete", False):
+            return None
+        arrays = {key: self._read(f"{path}/{key}", ...) for key in node.array_keys()}
+        return arrays, _attrs(node)
 
     # ================================================================== pandas readers
     def scores_table(self, test_set: str, **kwargs: Any) -> Any:

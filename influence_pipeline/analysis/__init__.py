@@ -1,0 +1,1 @@
+"""pandas analysis of stored influence scores: tidy tables, the data audit, plots."""

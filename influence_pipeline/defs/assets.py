@@ -1,0 +1,671 @@
+"""The assets of the pipeline (built per workload by :func:`build_assets`).
+
+    training_shards (observable source, one partition per training shard)
+          │
+    block_mapper ──► influence_factors[test_set] ──► influence_scores[test_set|train_shard]
+                                                          │
+                             data_audit ◄── influence_table[test_set] ◄┘
+
+Every asset writes into the workload's store and returns a ``MaterializeResult`` whose
+``DataVersion`` is a digest of what it wrote, so an unchanged re-run leaves everything
+downstream fresh. Each asset first checks whether the store already holds its artifact
+for the same inputs (same fitted state, test data, shard data, factors) and then reuses
+it instead of computing it again. Checks that would poison downstream assets are blocking.
+"""
+
+import datetime as _dt
+import json
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import dagster as dg
+import numpy as np
+import pandas as pd
+import torch
+
+from ..analysis.audit import FLAGS, audit_examples, compare_audits, known_mislabeled_found
+from ..analysis.markdown import frame_to_markdown
+from ..analysis.plots import audit_plot, markdown_image, score_histogram
+from ..analysis.tables import influence_tables, label_map
+from ..influence import TorchBatch
+from ..store import Provenance, ShardSpec
+from ..store.provenance import model_fingerprint
+from ..workload import Workload
+from .config import AuditConfig, FactorsConfig, ScoringConfig, TableConfig, method_config_class
+from .resources import InfluenceStoreResource
+from .runtime import combine, data_fingerprint, fit_fingerprint, resolve_device, restore
+
+#: Bump an asset's version when a change of its code changes what it writes.
+CODE_VERSIONS = {
+    "block_mapper": "1",
+    "influence_factors": "1",
+    "influence_scores": "1",
+    "influence_table": "1",
+    "data_audit": "1",
+}
+GROUP = "influence"
+
+
+def automation_condition() -> dg.AutomationCondition:
+    """Request a partition when it is missing, its code version changed, or an upstream
+    partition's data version changed — not when an upstream re-ran with the same data."""
+    AC: Any = dg.AutomationCondition  # (its generic typing does not compose under mypy)
+    trigger = (
+        AC.missing() | AC.code_version_changed() | AC.any_deps_match(AC.data_version_changed())
+    )
+    return (
+        AC.in_latest_time_window()
+        & trigger.since_last_handled()
+        & ~AC.any_deps_missing()
+        & ~AC.any_deps_in_progress()
+        & ~AC.in_progress()
+    ).with_label("missing, code changed or upstream data changed")
+
+
+def _schema(frame: pd.DataFrame) -> dg.TableSchema:
+    return dg.TableSchema(columns=[dg.TableColumn(str(c), str(t)) for c, t in frame.dtypes.items()])
+
+
+def _registered_shards(context: Any, workload: Workload, partitions_name: str) -> list[str]:
+    registered = context.instance.get_dynamic_partitions(partitions_name)
+    available = set(workload.shards.names())
+    return [s for s in registered if s in available]
+
+
+def build_assets(
+    workload: Workload,
+    test_sets_def: dg.StaticPartitionsDefinition,
+    shards_def: dg.DynamicPartitionsDefinition,
+    scores_def: dg.MultiPartitionsDefinition,
+) -> list[Any]:
+    """The source asset, the five assets and their in-asset checks for ``workload``."""
+    MethodConfig = method_config_class(workload.method)
+    condition = automation_condition()
+    shards_name = str(shards_def.name)
+
+    # ------------------------------------------------------------------ training shards
+    @dg.observable_source_asset(
+        name="training_shards",
+        partitions_def=shards_def,
+        group_name=GROUP,
+        description=f"Training shards of workload {workload.name!r} "
+        f"({workload.shards.describe()}); the data version of a shard is its fingerprint, "
+        "reported by training_shard_sensor.",
+    )
+    def training_shards(context: dg.AssetExecutionContext) -> dg.DataVersionsByPartition:
+        names = _registered_shards(context, workload, shards_name)
+        return dg.DataVersionsByPartition(
+            {name: dg.DataVersion(workload.shards.fingerprint(name)) for name in names}
+        )
+
+    # ------------------------------------------------------------------ block mapper
+    @dg.asset(
+        name="block_mapper",
+        group_name=GROUP,
+        code_version=f"{CODE_VERSIONS['block_mapper']}+{workload.method.digest()}",
+        automation_condition=condition,
+        kinds={"pytorch", "zarr"},
+        description="The influence method fitted on the fit shards: the block-wise inverse "
+        "curvature, persisted in the store (tensors + JSON, no pickle).",
+    )
+    def block_mapper(
+        context: dg.AssetExecutionContext,
+        config: MethodConfig,  # type: ignore[valid-type]  # built per workload (defaults)
+        store: InfluenceStoreResource,
+    ) -> dg.MaterializeResult:
+        start = time.perf_counter()
+        spec = config.spec()  # type: ignore[attr-defined]
+        device = resolve_device(config.device)  # type: ignore[attr-defined]
+        model = workload.load_model(device)
+        influence = spec.build(model, workload.loss)
+        fit_fp = fit_fingerprint(workload)
+        wanted = Provenance.of(influence, fit=fit_fp)
+        artifacts = store.open()
+        info = artifacts.block_mapper_info()
+        reused = False
+        if info is not None:
+            stored = Provenance.from_json(info["provenance"])
+            same = all(
+                json.dumps(getattr(stored, f), sort_keys=True, default=str)
+                == json.dumps(getattr(wanted, f), sort_keys=True, default=str)
+                for f in Provenance.IDENTITY
+            )
+            reused = same and stored.data_fingerprints.get("fit") == fit_fp
+        if reused:
+            assert info is not None
+            digest = info["digest"]
+            context.log.info(f"The stored block mapper {digest} matches: nothing to fit.")
+        else:
+            fit = workload.fit_data()
+            context.log.info(f"Fitting {spec.method} on {len(fit)} examples ({device}).")
+            influence.fit(fit.fit_loader(workload.batch_size))
+            digest = artifacts.save_block_mapper(influence, fit_data_fingerprint=fit_fp)
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(digest),
+            metadata={
+                "digest": digest,
+                "reused": reused,
+                "method": spec.method,
+                "config": dg.MetadataValue.json(spec.to_json()),
+                "blocks": dg.MetadataValue.json(dict(influence.block_sizes)),
+                "n_parameters": influence.n_parameters,
+                "fit_shards": dg.MetadataValue.json(workload.fit_shard_names()),
+                "model_fingerprint": model_fingerprint(model),
+                "device": str(device),
+                "seconds": round(time.perf_counter() - start, 3),
+                "dagster/uri": artifacts.url,
+            },
+        )
+
+    # ------------------------------------------------------------------ factors
+    @dg.asset(
+        name="influence_factors",
+        group_name=GROUP,
+        partitions_def=test_sets_def,
+        deps=[block_mapper],
+        code_version=CODE_VERSIONS["influence_factors"],
+        automation_condition=condition,
+        kinds={"pytorch", "zarr"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "factors_finite",
+                asset="influence_factors",
+                blocking=True,
+                description="every stored factor is finite",
+            ),
+            dg.AssetCheckSpec(
+                "factors_match_block_mapper",
+                asset="influence_factors",
+                blocking=True,
+                description="the factors were computed with the current block mapper",
+            ),
+        ],
+        description="Inverse-curvature-transformed test gradients A⁻¹∇ℓ(z_test), (n_test, P), "
+        "chunked along test rows in the store.",
+    )
+    def influence_factors(
+        context: dg.AssetExecutionContext, config: FactorsConfig, store: InfluenceStoreResource
+    ) -> dg.MaterializeResult:
+        start = time.perf_counter()
+        test_set = context.partition_key
+        artifacts = store.open()
+        info = artifacts.block_mapper_info()
+        if info is None:
+            raise dg.Failure(
+                description="No block mapper in the store: materialize block_mapper first."
+            )
+        data = workload.test_set(test_set)
+        test_fp = data_fingerprint(data)
+        record = None
+        if test_set in artifacts.test_sets():
+            try:
+                record = artifacts.factors_record(test_set)
+            except ValueError:
+                record = None
+        reused = (
+            record is not None
+            and record.get("block_mapper_digest") == info["digest"]
+            and record.get("data_fingerprint") == test_fp
+            and record.get("dtype") == config.dtype
+        )
+        device = resolve_device(config.device)
+        if not reused:
+            influence = restore(artifacts, workload, device, workload.batch_size)
+            record = artifacts.write_factors(
+                test_set,
+                influence,
+                data.loader(config.batch_size),
+                dtype=config.dtype,
+                n_rows=len(data),
+                annotations={"block_mapper_digest": info["digest"]},
+            )
+        assert record is not None
+        # allocate every registered shard once, here, before the scoring partitions fan out
+        shards = _registered_shards(context, workload, shards_name)
+        allocation = artifacts.allocate_shards(
+            test_set, [ShardSpec(s, workload.shards.size(s)) for s in shards]
+        )
+        values, _ = artifacts.read_factors(test_set)
+        finite = bool(np.isfinite(values).all())
+        stored = Provenance.from_json(record["provenance"])
+        current = Provenance.from_json(info["provenance"])
+        differences = [
+            f
+            for f in Provenance.IDENTITY
+            if json.dumps(getattr(stored, f), sort_keys=True, default=str)
+            != json.dumps(getattr(current, f), sort_keys=True, default=str)
+        ]
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(record["factors_fingerprint"]),
+            metadata={
+                "test_set": test_set,
+                "shape": dg.MetadataValue.json(
+                    [int(record["n_rows"]), int(record["n_parameters"])]
+                ),
+                "dtype": record["dtype"],
+                "reused": reused,
+                "block_mapper_digest": info["digest"],
+                "data_fingerprint": test_fp,
+                "allocated_shards": len(allocation["order"]),
+                "device": str(device),
+                "seconds": round(time.perf_counter() - start, 3),
+                "dagster/row_count": int(record["n_rows"]),
+                "dagster/uri": f"{artifacts.url}/factors/{test_set}",
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="factors_finite",
+                    passed=finite,
+                    metadata={"non_finite": int((~np.isfinite(values)).sum())},
+                ),
+                dg.AssetCheckResult(
+                    check_name="factors_match_block_mapper",
+                    passed=not differences,
+                    metadata={"differing_fields": dg.MetadataValue.json(differences)},
+                ),
+            ],
+        )
+
+    # ------------------------------------------------------------------ scores
+    @dg.asset(
+        name="influence_scores",
+        group_name=GROUP,
+        partitions_def=scores_def,
+        deps=[
+            dg.AssetDep(
+                influence_factors,
+                partition_mapping=dg.MultiToSingleDimensionPartitionMapping("test_set"),
+            ),
+            dg.AssetDep(
+                training_shards,
+                partition_mapping=dg.MultiToSingleDimensionPartitionMapping("train_shard"),
+            ),
+        ],
+        code_version=CODE_VERSIONS["influence_scores"],
+        automation_condition=condition,
+        pool="gpu",
+        retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+        kinds={"pytorch", "zarr"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "scores_finite",
+                asset="influence_scores",
+                blocking=True,
+                description="every stored score of the shard is finite",
+            ),
+            dg.AssetCheckSpec(
+                "scores_spot_check",
+                asset="influence_scores",
+                blocking=True,
+                description="a few stored scores equal a direct recomputation",
+            ),
+        ],
+        description="Scores of one training shard against one test set: its own column "
+        "range of the (n_test, n_train) scores array, its top-k and per-example statistics.",
+    )
+    def influence_scores(
+        context: dg.AssetExecutionContext, config: ScoringConfig, store: InfluenceStoreResource
+    ) -> dg.MaterializeResult:
+        start = time.perf_counter()
+        partition: Any = context.partition_key
+        keys = partition.keys_by_dimension
+        test_set, shard = keys["test_set"], keys["train_shard"]
+        artifacts = store.open()
+        record = artifacts.factors_record(test_set)
+        data = workload.shards.load(shard)
+        shard_fp = data_fingerprint(data)
+        allocated = artifacts.allocation(test_set)["shards"].get(shard)
+        if allocated is None or allocated["n_rows"] != len(data):
+            artifacts.allocate_shards(test_set, [ShardSpec(shard, len(data))])
+        existing = artifacts.shard_record(test_set, shard)
+        reused = (
+            existing is not None
+            and existing.get("data_fingerprint") == shard_fp
+            and existing.get("factors_fingerprint") == record["factors_fingerprint"]
+            and existing.get("top_k", 0) >= config.top_k
+        )
+        device = resolve_device(config.device)
+        influence = restore(artifacts, workload, device, workload.batch_size)
+        if not reused:
+            result = artifacts.write_shard_scores(
+                test_set, shard, influence, data.loader(config.batch_size), top_k=config.top_k
+            )
+            existing = artifacts.shard_record(test_set, shard)
+            context.log.info(
+                f"Scored {result.n_rows} examples of {shard} in {result.seconds:.2f} s on {device}."
+            )
+        assert existing is not None
+        begin, end = existing["columns"]
+        scores = artifacts.scores_array(test_set)
+        finite = all(
+            bool(np.isfinite(scores[:, c : min(end, c + 4096)]).all())
+            for c in range(begin, end, 4096)
+        )
+        # spot-check: stored scores against a recomputation from the stored factors
+        factors, _ = artifacts.read_factors(test_set)
+        rows = sorted({0, len(data) // 2, len(data) - 1})[: config.spot_checks]
+        tests = sorted({0, factors.shape[0] // 2, factors.shape[0] - 1})[: config.spot_checks]
+        recomputed = (
+            influence.influences_from_factors(
+                torch.from_numpy(factors[tests]).to(device), data.x[rows], data.y[rows]
+            )
+            .double()
+            .cpu()
+            .numpy()
+        )
+        selection = (np.asarray(tests), np.asarray([begin + r for r in rows]))
+        stored = np.asarray(scores.get_orthogonal_selection(selection), dtype=np.float64)
+        error = float(np.abs(stored - recomputed).max() / max(np.abs(recomputed).max(), 1e-30))
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(combine(record["factors_fingerprint"], shard_fp)),
+            metadata={
+                "test_set": test_set,
+                "train_shard": shard,
+                "n_rows": len(data),
+                "columns": dg.MetadataValue.json([int(begin), int(end)]),
+                "reused": reused,
+                "score_min": float(existing["score_min"]),
+                "score_max": float(existing["score_max"]),
+                "data_fingerprint": shard_fp,
+                "device": str(device),
+                "seconds": round(time.perf_counter() - start, 3),
+                "dagster/uri": f"{artifacts.url}/scores/{test_set}",
+            },
+            check_results=[
+                dg.AssetCheckResult(check_name="scores_finite", passed=finite),
+                dg.AssetCheckResult(
+                    check_name="scores_spot_check",
+                    passed=error < 1e-3,
+                    metadata={"max_relative_error": error, "checked": len(rows) * len(tests)},
+                ),
+            ],
+        )
+
+    # ------------------------------------------------------------------ table
+    @dg.asset(
+        name="influence_table",
+        group_name=GROUP,
+        partitions_def=test_sets_def,
+        deps=[
+            dg.AssetDep(
+                influence_scores,
+                partition_mapping=dg.MultiToSingleDimensionPartitionMapping("test_set"),
+            )
+        ],
+        code_version=CODE_VERSIONS["influence_table"],
+        automation_condition=condition,
+        kinds={"pandas", "parquet"},
+        check_specs=[
+            dg.AssetCheckSpec(
+                "all_shards_present",
+                asset="influence_table",
+                blocking=True,
+                description="every registered training shard is scored for the test set",
+            ),
+        ],
+        description="Parquet tables of a test set: the most helpful and most harmful training "
+        "examples of every test point (top_k) and per-training-example totals (train_totals).",
+    )
+    def influence_table(
+        context: dg.AssetExecutionContext, config: TableConfig, store: InfluenceStoreResource
+    ) -> dg.MaterializeResult:
+        start = time.perf_counter()
+        test_set = context.partition_key
+        artifacts = store.open()
+        registered = _registered_shards(context, workload, shards_name)
+        status = artifacts.status(test_set)[test_set]
+        missing = [s for s in registered if s not in status["complete"]]
+        if not status["complete"]:
+            raise dg.Failure(description=f"No training shard of {test_set!r} is scored yet.")
+        test = workload.test_set(test_set)
+        train_labels: dict[int, int] = {}
+        for shard in status["complete"]:
+            part = workload.shards.load(shard)
+            train_labels.update(label_map(part.ids.numpy(), part.y.numpy()) or {})
+        top, totals = influence_tables(
+            artifacts,
+            test_set,
+            config.top_k,
+            train_labels or None,
+            label_map(test.ids.numpy(), test.y.numpy()),
+        )
+        top_uri = artifacts.write_table(f"{test_set}/top_k", top)
+        totals_uri = artifacts.write_table(f"{test_set}/train_totals", totals)
+        sample = _score_sample(artifacts, test_set, status["complete"])
+        plot = score_histogram(sample, f"{test_set}: influence scores ({len(sample):,} sampled)")
+        records = [artifacts.shard_record(test_set, s) or {} for s in status["complete"]]
+        version = combine(
+            *sorted(f"{r.get('data_fingerprint')}:{r.get('factors_fingerprint')}" for r in records)
+        )
+        harmful = top[top.kind == "harmful"].head(10)
+        preview = (
+            f"**{test_set}**: {len(status['complete'])} shards, {len(totals):,} training examples, "
+            f"{top.test_id.nunique():,} test points\n\n"
+            f"Most harmful (first rows):\n\n{frame_to_markdown(harmful, 10)}\n\n"
+            "Training examples that hurt most overall:\n\n"
+            f"{frame_to_markdown(totals.head(10), 10)}\n\n"
+            + markdown_image(plot, "score histogram")
+        )
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(version),
+            metadata={
+                "test_set": test_set,
+                "top_k_path": dg.MetadataValue.path(top_uri),
+                "train_totals_path": dg.MetadataValue.path(totals_uri),
+                "dagster/uri": top_uri,
+                "dagster/row_count": len(top),
+                "dagster/column_schema": _schema(top),
+                "train_totals_rows": len(totals),
+                "train_totals_schema": dg.MetadataValue.table_schema(_schema(totals)),
+                "shards": dg.MetadataValue.json(status["complete"]),
+                "preview": dg.MetadataValue.md(preview),
+                "seconds": round(time.perf_counter() - start, 3),
+            },
+            check_results=[
+                dg.AssetCheckResult(
+                    check_name="all_shards_present",
+                    passed=not missing,
+                    metadata={"missing": dg.MetadataValue.json(missing)},
+                ),
+            ],
+        )
+
+    # ------------------------------------------------------------------ audit
+    @dg.asset(
+        name="data_audit",
+        group_name=GROUP,
+        deps=[influence_table],
+        code_version=CODE_VERSIONS["data_audit"],
+        automation_condition=condition,
+        kinds={"pandas", "parquet"},
+        description="Flagged training examples (likely mislabeled, high self-influence, high "
+        "loss, harmful) with reasons, and what changed since the previous audit.",
+    )
+    def data_audit(
+        context: dg.AssetExecutionContext, config: AuditConfig, store: InfluenceStoreResource
+    ) -> dg.MaterializeResult:
+        start = time.perf_counter()
+        artifacts = store.open()
+        shards = _registered_shards(context, workload, shards_name)
+        device = resolve_device(config.device)
+        info = artifacts.block_mapper_info()
+        if info is None:
+            raise dg.Failure(description="No block mapper in the store.")
+        examples, images, computed = _audit_examples(
+            artifacts, workload, shards, info["digest"], device, config.batch_size
+        )
+        means = []
+        for test_set in workload.test_sets:
+            totals = artifacts.read_table(f"{test_set}/train_totals")
+            if totals is None:
+                raise dg.Failure(
+                    description=f"influence_table[{test_set}] has not been written yet."
+                )
+            means.append(totals.set_index("train_id").score_mean.rename(test_set))
+        per_test = pd.concat(means, axis=1)
+        examples = examples.join(per_test, on="train_id")
+        examples["mean_influence"] = examples[list(workload.test_sets)].mean(axis=1)
+        audit = audit_examples(examples.dropna(subset=["mean_influence"]), fence=config.fence)
+        known = set(workload.known_mislabeled()) if workload.known_mislabeled else None
+        if known is not None:
+            audit["known_mislabeled"] = audit.train_id.isin(known)
+        previous = artifacts.read_table("audit/latest")
+        changes = compare_audits(previous, audit)
+        stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+        latest_uri = artifacts.write_table("audit/latest", audit)
+        artifacts.write_table(f"audit/history-{stamp}", audit)
+        summary = audit_summary(audit, changes.to_json(), known)
+        plot = audit_plot(audit, images)
+        counts = {flag: int(audit[flag].sum()) for flag in FLAGS}
+        metadata: dict[str, Any] = {
+            "summary": dg.MetadataValue.md(summary + "\n\n" + markdown_image(plot, "audit")),
+            "flag_counts": dg.MetadataValue.json(counts),
+            "changes": dg.MetadataValue.json(changes.to_json()),
+            "audited": len(audit),
+            "self_influence_computed_for": dg.MetadataValue.json(computed),
+            "dagster/uri": latest_uri,
+            "dagster/row_count": len(audit),
+            "dagster/column_schema": _schema(audit),
+            "seconds": round(time.perf_counter() - start, 3),
+        }
+        if known is not None:
+            metadata["known_mislabeled"] = dg.MetadataValue.json(
+                known_mislabeled_found(audit, known)
+            )
+        version = combine(*(f"{i}:{f}" for i, f in zip(audit.train_id, audit.flagged, strict=True)))
+        return dg.MaterializeResult(data_version=dg.DataVersion(version), metadata=metadata)
+
+    return [
+        training_shards,
+        block_mapper,
+        influence_factors,
+        influence_scores,
+        influence_table,
+        data_audit,
+    ]
+
+
+def _score_sample(
+    artifacts: Any, test_set: str, shards: Sequence[str], limit: int = 200_000
+) -> np.ndarray:
+    """Up to ``limit`` scores of the complete shards (whole columns, evenly spaced)."""
+    allocation = artifacts.allocation(test_set)["shards"]
+    columns = np.concatenate(
+        [
+            np.arange(allocation[s]["start"], allocation[s]["start"] + allocation[s]["n_rows"])
+            for s in shards
+        ]
+    )
+    array = artifacts.scores_array(test_set)
+    keep = max(1, min(len(columns), limit // max(1, array.shape[0])))
+    chosen = np.sort(columns[np.linspace(0, len(columns) - 1, keep).astype(np.int64)])
+    return np.asarray(
+        array.get_orthogonal_selection((slice(None), chosen)), dtype=np.float64
+    ).reshape(-1)
+
+
+def _audit_examples(
+    artifacts: Any,
+    workload: Workload,
+    shards: Sequence[str],
+    digest: str,
+    device: torch.device,
+    batch_size: int,
+) -> tuple[pd.DataFrame, np.ndarray | None, list[str]]:
+    """Per training example: id, shard, row, label, self-influence and loss. Values are
+    cached per shard in the store and recomputed only for new or changed shards (or a new
+    block mapper)."""
+    frames, images, computed = [], [], []
+    influence = None
+    for shard in shards:
+        data = workload.shards.load(shard)
+        fp = data_fingerprint(data)
+        cached = artifacts.read_example_values("audit", shard)
+        if (
+            cached is not None
+            and cached[1].get("data_fingerprint") == fp
+            and cached[1].get("block_mapper") == digest
+        ):
+            values = cached[0]
+        else:
+            if influence is None:
+                influence = restore(artifacts, workload, device, workload.batch_size)
+            provider = influence.full_gradient_provider()
+            self_influence, losses = [], []
+            for start in range(0, len(data), batch_size):
+                x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
+                self_influence.append(influence.self_influences(x, y).double().cpu().numpy())
+                losses.append(provider.per_sample_losses(TorchBatch(x, y)).double().cpu().numpy())
+            values = {
+                "ids": data.ids.numpy(),
+                "self_influence": np.concatenate(self_influence),
+                "loss": np.concatenate(losses),
+            }
+            artifacts.write_example_values(
+                "audit", shard, values, {"data_fingerprint": fp, "block_mapper": digest}
+            )
+            computed.append(shard)
+        frame = pd.DataFrame(
+            {
+                "train_id": values["ids"].astype(np.int64),
+                "train_shard": shard,
+                "train_row": np.arange(len(values["ids"]), dtype=np.int64),
+                "self_influence": values["self_influence"],
+                "loss": values["loss"],
+            }
+        )
+        labels = label_map(data.ids.numpy(), data.y.numpy())
+        if labels is not None:
+            frame["label"] = frame.train_id.map(labels).astype("Int64")
+        frames.append(frame)
+        images.append(data.x.reshape(len(data), -1).numpy())
+    examples = pd.concat(frames, ignore_index=True)
+    examples["position"] = np.arange(len(examples))
+    flat = np.concatenate(images) if images else None
+    side = round(float(np.sqrt(flat.shape[1]))) if flat is not None else 0
+    square = flat is not None and side * side == flat.shape[1] and side <= 64
+    return examples, (flat if square else None), computed
+
+
+def audit_summary(audit: pd.DataFrame, changes: dict[str, Any], known: set[int] | None) -> str:
+    """A markdown summary of an audit."""
+    counts = {flag: int(audit[flag].sum()) for flag in FLAGS}
+    lines = [
+        f"**Data audit**: {len(audit):,} training examples audited, "
+        f"{int(audit.flagged.sum())} flagged.",
+        "",
+        "| flag | examples |",
+        "|---|---|",
+        *[f"| {flag} | {n} |" for flag, n in counts.items()],
+        "",
+    ]
+    if known is not None:
+        found = known_mislabeled_found(audit, known)
+        lines.append(
+            f"**Known mislabeled examples found**: {found['found_in_top']} of {found['known']} "
+            f"are among the top {found['top']} flagged examples; "
+            f"{found['known_among_likely_mislabeled']} of {found['known']} are flagged "
+            f"likely_mislabeled ({found['likely_mislabeled']} flags)."
+        )
+        lines.append("")
+    if changes.get("first_audit"):
+        lines.append("First audit: no previous audit to compare with.")
+    else:
+        lines.append(
+            f"Since the previous audit: {len(changes['newly_flagged'])} newly flagged, "
+            f"{len(changes['no_longer_flagged'])} no longer flagged, {changes['newly_audited']} "
+            f"newly audited examples."
+        )
+    columns = [
+        "suspicion",
+        "train_id",
+        "train_shard",
+        *(["label"] if "label" in audit else []),
+        "self_influence",
+        "loss",
+        "mean_influence",
+        "reasons",
+    ]
+    lines += ["", "Top flagged examples:", "", frame_to_markdown(audit[audit.flagged][columns], 15)]
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""Asset checks over the whole store (run by the nightly schedule; the per-partition checks
+live inside the assets as blocking check specs)."""
+
+import math
+from typing import Any
+
+import dagster as dg
+
+from ..store import Provenance
+from ..workload import Workload
+from .resources import InfluenceStoreResource
+
+
+def build_checks(workload: Workload, shards_name: str) -> list[Any]:
+    @dg.asset_check(
+        asset="influence_scores",
+        name="stored_scores_finite",
+        description="every complete shard of every test set has finite scores",
+    )
+    def stored_scores_finite(store: InfluenceStoreResource) -> dg.AssetCheckResult:
+        artifacts = store.open(mode="r")
+        bad = []
+        for test_set in artifacts.test_sets():
+            for shard in artifacts.status(test_set)[test_set]["complete"]:
+                record = artifacts.shard_record(test_set, shard) or {}
+                if not (
+                    math.isfinite(record.get("score_min", math.nan))
+                    and math.isfinite(record.get("score_max", math.nan))
+                ):
+                    bad.append(f"{test_set}|{shard}")
+        return dg.AssetCheckResult(
+            passed=not bad, metadata={"non_finite": dg.MetadataValue.json(bad)}
+        )
+
+    @dg.asset_check(
+        asset="influence_factors",
+        name="factors_provenance",
+        description="every test set's factors come from the current block mapper",
+    )
+    def factors_provenance(store: InfluenceStoreResource) -> dg.AssetCheckResult:
+        artifacts = store.open(mode="r")
+        info = artifacts.block_mapper_info()
+        if info is None:
+            return dg.AssetCheckResult(passed=False, metadata={"reason": "no block mapper"})
+        current = Provenance.from_json(info["provenance"])
+        stale = []
+        for test_set in artifacts.test_sets():
+            try:
+                record = artifacts.factors_record(test_set)
+            except ValueError:
+                stale.append(test_set)
+                continue
+            try:
+                current.check_matches(Provenance.from_json(record["provenance"]), "factors")
+            except ValueError:
+                stale.append(test_set)
+        return dg.AssetCheckResult(
+            passed=not stale, metadata={"stale_test_sets": dg.MetadataValue.json(stale)}
+        )
+
+    @dg.asset_check(
+        asset="influence_table",
+        name="every_shard_scored",
+        description="every registered training shard is scored for every test set",
+    )
+    def every_shard_scored(
+        context: dg.AssetCheckExecutionContext, store: InfluenceStoreResource
+    ) -> dg.AssetCheckResult:
+        artifacts = store.open(mode="r")
+        registered = context.instance.get_dynamic_partitions(shards_name)
+        missing = []
+        for test_set in workload.test_sets:
+            complete = (
+                artifacts.status(test_set)[test_set]["complete"]
+                if test_set in artifacts.test_sets()
+                else []
+            )
+            missing += [f"{test_set}|{s}" for s in registered if s not in complete]
+        return dg.AssetCheckResult(
+            passed=not missing, metadata={"missing": dg.MetadataValue.json(missing)}
+        )
+
+    return [stored_scores_finite, factors_provenance, every_shard_scored]

@@ -1,0 +1,57 @@
+"""Shared steps of the assets: devices, fingerprints, restoring the fitted block mapper."""
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from ..store import InfluenceStore
+from ..store.provenance import DataHasher
+from ..workload import ShardData, Workload
+
+#: Methods that stream the fit data whenever their operator is applied.
+STREAMING_METHODS = {"CgInfluence", "LissaInfluence", "InverseHarmonicMeanInfluence"}
+
+
+def resolve_device(requested: str) -> torch.device:
+    """``auto`` is CUDA when torch sees a GPU, else the CPU."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA device.")
+    return device
+
+
+def fit_fingerprint(workload: Workload) -> str:
+    """Digest of the fit shards' names and fingerprints (cheap; no data is read)."""
+    items = [[name, workload.shards.fingerprint(name)] for name in workload.fit_shard_names()]
+    return hashlib.blake2b(json.dumps(items).encode(), digest_size=16).hexdigest()
+
+
+def data_fingerprint(data: ShardData, batch_size: int = 4096) -> str:
+    """Content digest of a shard's (x, y), the same the store's writers record."""
+    hasher = DataHasher()
+    for start in range(0, len(data), batch_size):
+        hasher.update(data.x[start : start + batch_size], data.y[start : start + batch_size])
+    return hasher.hexdigest()
+
+
+def restore(
+    store: InfluenceStore, workload: Workload, device: torch.device, batch_size: int
+) -> Any:
+    """The stored block mapper on a freshly loaded model (with the fit data loader when the
+    method streams it at query time)."""
+    info = store.block_mapper_info()
+    if info is None:
+        raise ValueError(f"{store!r} has no fitted block mapper: materialize block_mapper first.")
+    model = workload.load_model(device)
+    data = None
+    if info["provenance"]["method"] in STREAMING_METHODS:
+        data = workload.fit_data().fit_loader(batch_size)
+    return store.load_block_mapper(model, workload.loss, data=data)
+
+
+def combine(*parts: str) -> str:
+    return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
