@@ -30,10 +30,11 @@ def influence_tables(
     k: int,
     train_labels: Mapping[int, int] | None = None,
     test_labels: Mapping[int, int] | None = None,
+    allow_incomplete: bool = False,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(top_k, train_totals) of a test set whose shards are all complete."""
-    top = store.top_k(test_set, k)
-    totals = store.train_aggregates(test_set)
+    """(top_k, train_totals) of a test set (of its complete shards with ``allow_incomplete``)."""
+    top = store.top_k(test_set, k, allow_incomplete=allow_incomplete)
+    totals = store.train_aggregates(test_set, allow_incomplete=allow_incomplete)
     if test_labels is not None:
         top.insert(1, "test_label", top.test_id.map(test_labels).astype("Int64"))
     if train_labels is not None:

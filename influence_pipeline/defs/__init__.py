@@ -11,7 +11,7 @@ import dagster as dg
 
 from ..workload import Workload
 from .assets import CODE_VERSIONS, automation_condition, build_assets
-from .automation import build_nightly_schedule, build_shard_sensor, stale_frontier
+from .automation import NIGHTLY, build_nightly_schedules, build_shard_sensor, stale_frontier
 from .checks import build_checks
 from .resources import InfluenceStoreResource
 
@@ -40,7 +40,7 @@ def build_definitions(workload: Workload, store: str | None = None) -> dg.Defini
                 minimum_interval_seconds=30,
             ),
         ],
-        schedules=[build_nightly_schedule(workload, shards_def, check_keys)],
+        schedules=build_nightly_schedules(workload, shards_def, check_keys),
         resources={"store": InfluenceStoreResource(root=store or workload.store)},
         executor=dg.multiprocess_executor,
     )
@@ -48,6 +48,7 @@ def build_definitions(workload: Workload, store: str | None = None) -> dg.Defini
 
 __all__ = [
     "CODE_VERSIONS",
+    "NIGHTLY",
     "SHARD_PARTITIONS",
     "InfluenceStoreResource",
     "automation_condition",

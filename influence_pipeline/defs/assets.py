@@ -34,7 +34,14 @@ from ..store.provenance import model_fingerprint
 from ..workload import Workload
 from .config import AuditConfig, FactorsConfig, ScoringConfig, TableConfig, method_config_class
 from .resources import InfluenceStoreResource
-from .runtime import combine, data_fingerprint, fit_fingerprint, resolve_device, restore
+from .runtime import (
+    combine,
+    data_fingerprint,
+    fail_clearly,
+    fit_fingerprint,
+    resolve_device,
+    restore,
+)
 
 #: Bump an asset's version when a change of its code changes what it writes.
 CODE_VERSIONS = {
@@ -58,6 +65,7 @@ def automation_condition() -> dg.AutomationCondition:
         AC.in_latest_time_window()
         & trigger.since_last_handled()
         & ~AC.any_deps_missing()
+        & AC.all_deps_blocking_checks_passed()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
     ).with_label("missing, code changed or upstream data changed")
@@ -109,6 +117,7 @@ def build_assets(
         description="The influence method fitted on the fit shards: the block-wise inverse "
         "curvature, persisted in the store (tensors + JSON, no pickle).",
     )
+    @fail_clearly
     def block_mapper(
         context: dg.AssetExecutionContext,
         config: MethodConfig,  # type: ignore[valid-type]  # built per workload (defaults)
@@ -184,6 +193,7 @@ def build_assets(
         description="Inverse-curvature-transformed test gradients A⁻¹∇ℓ(z_test), (n_test, P), "
         "chunked along test rows in the store.",
     )
+    @fail_clearly
     def influence_factors(
         context: dg.AssetExecutionContext, config: FactorsConfig, store: InfluenceStoreResource
     ) -> dg.MaterializeResult:
@@ -304,6 +314,7 @@ def build_assets(
         description="Scores of one training shard against one test set: its own column "
         "range of the (n_test, n_train) scores array, its top-k and per-example statistics.",
     )
+    @fail_clearly
     def influence_scores(
         context: dg.AssetExecutionContext, config: ScoringConfig, store: InfluenceStoreResource
     ) -> dg.MaterializeResult:
@@ -407,6 +418,7 @@ def build_assets(
         description="Parquet tables of a test set: the most helpful and most harmful training "
         "examples of every test point (top_k) and per-training-example totals (train_totals).",
     )
+    @fail_clearly
     def influence_table(
         context: dg.AssetExecutionContext, config: TableConfig, store: InfluenceStoreResource
     ) -> dg.MaterializeResult:
@@ -429,6 +441,7 @@ def build_assets(
             config.top_k,
             train_labels or None,
             label_map(test.ids.numpy(), test.y.numpy()),
+            allow_incomplete=True,  # a missing shard fails the blocking check below
         )
         top_uri = artifacts.write_table(f"{test_set}/top_k", top)
         totals_uri = artifacts.write_table(f"{test_set}/train_totals", totals)
@@ -482,6 +495,7 @@ def build_assets(
         description="Flagged training examples (likely mislabeled, high self-influence, high "
         "loss, harmful) with reasons, and what changed since the previous audit.",
     )
+    @fail_clearly
     def data_audit(
         context: dg.AssetExecutionContext, config: AuditConfig, store: InfluenceStoreResource
     ) -> dg.MaterializeResult:

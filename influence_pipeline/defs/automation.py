@@ -118,34 +118,63 @@ def stale_frontier(
     return requests
 
 
-def build_nightly_schedule(
+#: The nightly schedules, one per partitioning of the assets (an asset job, hence a schedule
+#: target, cannot mix partitions definitions): name → (assets, include the store checks).
+NIGHTLY = {
+    "nightly_influence_audit": (("block_mapper", "data_audit"), True),
+    "nightly_influence_test_sets": (("influence_factors", "influence_table"), False),
+    "nightly_influence_scores": (("influence_scores",), False),
+}
+
+
+def build_nightly_schedules(
+    workload: Workload,
+    shards_def: dg.DynamicPartitionsDefinition,
+    check_keys: Sequence[dg.AssetCheckKey],
+) -> list[dg.ScheduleDefinition]:
+    """Three schedules at 02:00 UTC that together request the stale-or-missing frontier
+    (each the part whose partitioning matches its job) and run the whole-store checks."""
+    schedules = []
+    for name, (assets, with_checks) in NIGHTLY.items():
+        selection = dg.AssetSelection.assets(*assets)
+        if with_checks:
+            selection = selection | dg.AssetSelection.checks(*check_keys)
+        job = dg.define_asset_job(f"{name}_job", selection=selection)
+        schedules.append(
+            _nightly(name, job, set(assets), with_checks, workload, shards_def, check_keys)
+        )
+    return schedules
+
+
+def _nightly(
+    name: str,
+    job: Any,
+    assets: set[str],
+    with_checks: bool,
     workload: Workload,
     shards_def: dg.DynamicPartitionsDefinition,
     check_keys: Sequence[dg.AssetCheckKey],
 ) -> dg.ScheduleDefinition:
-    assets = [
-        "block_mapper",
-        "influence_factors",
-        "influence_scores",
-        "influence_table",
-        "data_audit",
-    ]
-
     @dg.schedule(
-        name="nightly_influence_audit",
+        name=name,
         cron_schedule="0 2 * * *",
         execution_timezone="UTC",
         default_status=dg.DefaultScheduleStatus.RUNNING,
-        target=dg.AssetSelection.assets(*assets) | dg.AssetSelection.checks(*check_keys),
-        description="02:00 UTC: materialize stale or missing partitions (frontier first) and run "
-        "the whole-store checks.",
+        job=job,
+        description=f"02:00 UTC: materialize the stale or missing partitions of {sorted(assets)} "
+        "whose upstream is fresh" + (", and run the whole-store checks." if with_checks else "."),
     )
-    def nightly_influence_audit(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
-        night = (context.scheduled_execution_time or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%d")
+    def nightly(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+        try:
+            when = context.scheduled_execution_time
+        except Exception:  # a context built without a tick time (tests, manual evaluation)
+            when = None
+        night = (when or _dt.datetime.now(_dt.UTC)).strftime("%Y-%m-%d")
+        available = set(workload.shards.names())
         shards = [
             s
             for s in context.instance.get_dynamic_partitions(str(shards_def.name))
-            if s in set(workload.shards.names())
+            if s in available
         ]
         frontier = stale_frontier(
             context.instance, context.repository_def.asset_graph, list(workload.test_sets), shards
@@ -154,19 +183,21 @@ def build_nightly_schedule(
             dg.RunRequest(
                 run_key=f"{night}:{asset}:{partition}",
                 asset_selection=[dg.AssetKey(asset)],
-                partition_key=partition,
+                partition_key=str(partition) if partition is not None else None,
                 tags={"influence/nightly": night},
             )
             for asset, partition in frontier
+            if asset in assets
         ]
-        requests.append(
-            dg.RunRequest(
-                run_key=f"{night}:checks",
-                asset_selection=[],
-                asset_check_keys=list(check_keys),
-                tags={"influence/nightly": night},
+        if with_checks:
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"{night}:checks",
+                    asset_selection=[],
+                    asset_check_keys=list(check_keys),
+                    tags={"influence/nightly": night},
+                )
             )
-        )
         return requests
 
-    return nightly_influence_audit
+    return nightly

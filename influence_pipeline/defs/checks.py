@@ -1,5 +1,6 @@
-"""Asset checks over the whole store (run by the nightly schedule; the per-partition checks
-live inside the assets as blocking check specs)."""
+"""Asset checks over the whole store, attached to ``data_audit`` (whose inputs they vouch for)
+and run by the nightly schedule; the per-partition checks live inside the assets as blocking
+check specs."""
 
 import math
 from typing import Any
@@ -13,7 +14,7 @@ from .resources import InfluenceStoreResource
 
 def build_checks(workload: Workload, shards_name: str) -> list[Any]:
     @dg.asset_check(
-        asset="influence_scores",
+        asset="data_audit",
         name="stored_scores_finite",
         description="every complete shard of every test set has finite scores",
     )
@@ -33,7 +34,7 @@ def build_checks(workload: Workload, shards_name: str) -> list[Any]:
         )
 
     @dg.asset_check(
-        asset="influence_factors",
+        asset="data_audit",
         name="factors_provenance",
         description="every test set's factors come from the current block mapper",
     )
@@ -59,7 +60,7 @@ def build_checks(workload: Workload, shards_name: str) -> list[Any]:
         )
 
     @dg.asset_check(
-        asset="influence_table",
+        asset="data_audit",
         name="every_shard_scored",
         description="every registered training shard is scored for every test set",
     )

@@ -1,9 +1,12 @@
 """Shared steps of the assets: devices, fingerprints, restoring the fitted block mapper."""
 
+import functools
 import hashlib
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
+import dagster as dg
 import torch
 
 from ..store import InfluenceStore
@@ -55,3 +58,24 @@ def restore(
 
 def combine(*parts: str) -> str:
     return hashlib.blake2b("|".join(parts).encode(), digest_size=16).hexdigest()
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail_clearly(fn: F) -> F:
+    """Turn the engine's and the store's input errors (ValueError, TypeError, StoreError:
+    bad checkpoint, non-finite data, shapes, provenance) into a Dagster Failure that names
+    the problem and is not retried (retrying would fail the same way); other errors keep
+    the asset's retry policy."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ValueError, TypeError) as error:
+            raise dg.Failure(
+                description=f"{type(error).__name__}: {error}", allow_retries=False
+            ) from error
+
+    return cast(F, wrapper)

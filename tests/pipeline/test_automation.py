@@ -1,0 +1,161 @@
+"""Re-materialization on change: one changed shard re-scores exactly that shard, a new
+regularization makes everything downstream stale, nothing changed requests nothing; the
+sensor registers new shards; the nightly schedule selects only stale or missing partitions."""
+
+from __future__ import annotations
+
+import datetime
+
+import dagster as dg
+
+from influence_pipeline.defs import NIGHTLY, build_definitions, stale_frontier
+from influence_pipeline.workload import MethodSpec, ShardData, load_tensor_file, save_tensor_file
+
+from .conftest import N_SHARDS, requested, settle
+
+
+def shard_file(s, name):
+    return s.data_dir / "train" / f"{name}.pt"
+
+
+def change_shard(s, name):
+    """Relabel one example of a shard (a new fingerprint and new content)."""
+    data = load_tensor_file(shard_file(s, name))
+    y = data.y.clone()
+    y[0] = (y[0] + 1) % 10
+    save_tensor_file(shard_file(s, name), ShardData(data.x, y, data.ids))
+
+
+def evaluate_schedule(s):
+    """The run requests of the three nightly schedules at one tick."""
+    requests = []
+    for name in NIGHTLY:
+        schedule = s.defs.resolve_schedule_def(name)
+        context = dg.build_schedule_context(
+            instance=s.instance,
+            repository_def=s.defs.get_repository_def(),
+            scheduled_execution_time=datetime.datetime(2026, 11, 28, 2, tzinfo=datetime.UTC),
+        )
+        requests += schedule.evaluate_tick(context).run_requests
+    return requests
+
+
+def test_changes_rescore_exactly_what_changed(setup):
+    s = setup
+    s.run_all()
+    result = settle(s)
+    assert requested(result) == {}, "a complete run leaves nothing to do"
+    # (c) nothing changed: the schedule requests only the checks
+    runs = evaluate_schedule(s)
+    assert [r.asset_selection for r in runs] == [[]]
+    assert runs[0].asset_check_keys
+
+    # (a) one changed training shard re-scores exactly that shard, for every test set
+    change_shard(s, "shard-1")
+    s.register()
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"influence_scores": ["holdout|shard-1", "validation|shard-1"]}
+    frontier = stale_frontier(
+        s.instance,
+        s.defs.resolve_asset_graph(),
+        ["holdout", "validation"],
+        [f"shard-{i}" for i in range(N_SHARDS)],
+    )
+    assert [(k, str(p)) for k, p in frontier] == [
+        ("influence_scores", "holdout|shard-1"),
+        ("influence_scores", "validation|shard-1"),
+    ]
+    runs = evaluate_schedule(s)
+    assert sorted(
+        (r.asset_selection[0].to_user_string(), r.partition_key) for r in runs if r.asset_selection
+    ) == [("influence_scores", "holdout|shard-1"), ("influence_scores", "validation|shard-1")]
+    for partition in requested(result)["influence_scores"]:
+        s.materialize("influence_scores", partition)
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"influence_table": ["holdout", "validation"]}
+    for test_set in ("holdout", "validation"):
+        s.materialize("influence_table", test_set)
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"data_audit": [""]}
+    s.materialize("data_audit")
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {}
+
+    # (b) a new regularization (Launchpad config) gives a new fitted state: all downstream stale
+    s.materialize(
+        "block_mapper", run_config={"ops": {"block_mapper": {"config": {"regularization": 0.5}}}}
+    )
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"influence_factors": ["holdout", "validation"]}
+    for test_set in ("holdout", "validation"):
+        s.materialize("influence_factors", test_set)
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {
+        "influence_scores": sorted(
+            f"{t}|shard-{i}" for t in ("holdout", "validation") for i in range(N_SHARDS)
+        )
+    }
+
+
+def test_method_change_in_code_is_a_code_version_change(setup):
+    s = setup
+    s.run_all()
+    result = settle(s)
+    assert requested(result) == {}
+    changed = s.workload
+    changed.method = MethodSpec(method="direct", regularization=0.3)
+    new_defs = build_definitions(changed)
+    result = dg.evaluate_automation_conditions(
+        defs=new_defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"block_mapper": [""]}
+
+
+def test_sensor_registers_a_new_shard(setup):
+    s = setup
+    s.run_all()
+    result = settle(s)
+    extra = load_tensor_file(shard_file(s, "shard-0"))
+    save_tensor_file(
+        shard_file(s, "shard-9"), ShardData(extra.x[:20], extra.y[:20], extra.ids[:20] + 100_000)
+    )
+    sensor = s.defs.resolve_sensor_def("training_shard_sensor")
+    context = dg.build_sensor_context(instance=s.instance, definitions=s.defs)
+    sensor_result = sensor(context)
+    assert [list(r.partition_keys) for r in sensor_result.dynamic_partitions_requests] == [
+        ["shard-9"]
+    ]
+    observed = {e.partition for e in sensor_result.asset_events}
+    assert "shard-9" in observed
+    s.register()
+    assert "shard-9" in s.instance.get_dynamic_partitions("train_shards")
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"influence_scores": ["holdout|shard-9", "validation|shard-9"]}
+    # the new shard is allocated on demand by its scoring step and scored
+    s.materialize("influence_scores", "validation|shard-9")
+    from influence_pipeline.store import InfluenceStore
+
+    store = InfluenceStore(s.workload.store, mode="r")
+    assert "shard-9" in store.status("validation")["validation"]["complete"]
+    assert store.scores_table("validation", shards=["shard-9"]).train_id.min() >= 100_000
+    # a second sensor tick with nothing new reports nothing
+    again = sensor(
+        dg.build_sensor_context(
+            instance=s.instance, definitions=s.defs, cursor=sensor_result.cursor
+        )
+    )
+    assert again.dynamic_partitions_requests == [] and again.asset_events == []
