@@ -136,7 +136,7 @@ def build_nightly_schedules(
     (each the part whose partitioning matches its job) and run the whole-store checks."""
     schedules = []
     for name, (assets, with_checks) in NIGHTLY.items():
-        selection = dg.AssetSelection.assets(*assets)
+        selection: dg.AssetSelection = dg.AssetSelection.assets(*assets)
         if with_checks:
             selection = selection | dg.AssetSelection.checks(*check_keys)
         job = dg.define_asset_job(f"{name}_job", selection=selection)
