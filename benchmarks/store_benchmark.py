@@ -86,7 +86,8 @@ def run(n_test: int, n_params: int, n_train: int, n_shards: int, workdir: str) -
     rng = np.random.default_rng(0)
     gb = 1e9
     print(
-        f"store benchmark in {workdir} (n_test={n_test}, P={n_params}, n_train={n_train}, shards={n_shards})"
+        f"store benchmark in {workdir} (n_test={n_test}, P={n_params}, n_train={n_train}, "
+        f"shards={n_shards})"
     )
 
     # ---------------------------------------------------------------- factors
