@@ -19,6 +19,7 @@ stall; zero or non-finite curvature is a breakdown and raises an error.
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import torch
@@ -224,11 +225,21 @@ class CgOperator(TensorOperator):
 
 
 def _orthonormal(W: torch.Tensor) -> torch.Tensor:
-    """An orthonormal basis of the column span of W, dropping numerically dependent columns."""
+    """An orthonormal basis of the column span of W, dropping numerically dependent columns.
+
+    Dependence is judged relative to each column's own norm (the columns are scaled to
+    unit norm first, zero columns dropped): a direction is dropped when its singular
+    value is at most 10·√s·eps for s columns, the accuracy of the SVD of s unit columns
+    with a margin of ten. Judging it against the largest singular value times P·eps
+    (numpy's matrix_rank rule) dropped the search directions of every right-hand side
+    whose residual had become 1% of another's in float32 at P ≈ 10⁵, which left block CG
+    with a single search direction.
+    """
+    norms = torch.linalg.vector_norm(W, dim=0)
+    nonzero = norms > 0
+    W = W / norms if bool(nonzero.all()) else W[:, nonzero] / norms[nonzero]
     if W.shape[1] == 0:
         return W
     U, S, _ = torch.linalg.svd(W, full_matrices=False)
-    if S.numel() == 0 or float(S[0]) == 0.0:
-        return U[:, :0]
-    keep = S[0] * torch.finfo(W.dtype).eps * max(W.shape) < S
+    keep = 10.0 * math.sqrt(W.shape[1]) * torch.finfo(W.dtype).eps < S
     return U[:, keep]

@@ -8,6 +8,7 @@ from typing import Generic, TypeVar
 import torch
 
 from .batch import TorchBatch
+from .finite import all_finite
 from .gradient_provider import TorchGradientProvider
 from .tensor_operator import TensorOperator
 from .types import BlockMapper, InfluenceMode, OperatorGradientComposition
@@ -55,7 +56,7 @@ def _check_factors(factors: torch.Tensor, gp: TorchGradientProvider) -> torch.Te
         raise ValueError(
             f"Influence factors must have shape (N, {gp.n_parameters}), got {tuple(factors.shape)}."
         )
-    if not bool(torch.isfinite(factors).all()):
+    if not all_finite(factors):
         raise ValueError("Influence factors contain NaN or inf.")
     return factors.to(device=gp.device, dtype=gp.dtype)
 

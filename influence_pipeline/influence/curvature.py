@@ -8,7 +8,7 @@ For the N fit samples and block parameters θ_B:
 * :class:`GaussNewtonOperator`: A v = (1/N) Σᵢ gᵢ (gᵢᵀ v), gᵢ = ∇_θB ℓ(zᵢ).
 
 Both apply to K vectors at once: one pass over the data per product, one vectorised
-forward-over-reverse product (Hessian) or two matrix products (Gauss-Newton) per batch.
+reverse-over-reverse product (Hessian) or two matrix products (Gauss-Newton) per batch.
 ``dense()`` materialises A (P × P) in a single pass over the data.
 
 >>> torch.manual_seed(0)
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from .batch import TorchBatch, iterate_batches
+from .finite import all_finite
 from .gradient_provider import MAX_SAMPLE_VECTORS, LossType, TorchGradientProvider
 from .tensor_operator import TensorDictOperator
 from .types import SecondOrderMode
@@ -86,7 +87,7 @@ class CurvatureOperator(TensorDictOperator):
         n = 0
         for index, batch in enumerate(iterate_batches(self.data)):
             product = self.batch_prod_sum(batch, mat)
-            if not bool(torch.isfinite(product).all()):
+            if not all_finite(product):
                 raise ValueError(
                     f"Curvature products on batch {index} of the fit data are not finite: the "
                     "loss or its derivatives contain NaN/inf there."
@@ -105,7 +106,7 @@ class CurvatureOperator(TensorDictOperator):
             n += len(batch)
         result = total / self._record_samples(n)
         result = 0.5 * (result + result.T)
-        if not bool(torch.isfinite(result).all()):
+        if not all_finite(result):
             raise ValueError(
                 "The curvature matrix is not finite: the loss or its derivatives on the fit "
                 "data contain NaN/inf."
@@ -123,7 +124,7 @@ class CurvatureOperator(TensorDictOperator):
 
 
 class HessianOperator(CurvatureOperator):
-    """A = ∇²_θB of the mean loss over the data (forward-over-reverse products)."""
+    """A = ∇²_θB of the mean loss over the data (reverse-over-reverse products)."""
 
     def batch_prod_sum(self, batch: TorchBatch, mat: torch.Tensor) -> torch.Tensor:
         return self.gradient_provider.hessian_prod_sum(batch, mat)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from .finite import all_finite
 from .regularization import check_regularization
 from .tensor_operator import TensorOperator
 
@@ -30,7 +31,7 @@ class DirectSolveOperator(TensorOperator):
     ) -> None:
         if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
             raise ValueError(f"Expected a square matrix, got shape {tuple(matrix.shape)}.")
-        if not bool(torch.isfinite(matrix).all()):
+        if not all_finite(matrix):
             raise ValueError("The curvature matrix contains NaN or inf.")
         self.matrix = matrix
         self._regularization = check_regularization(regularization)
@@ -91,7 +92,7 @@ class DirectSolveOperator(TensorOperator):
         else:
             assert self._lu is not None
             result = torch.linalg.lu_solve(self._lu[0], self._lu[1], mat.T).T
-        if not bool(torch.isfinite(result).all()):
+        if not all_finite(result):
             raise ValueError(
                 "Solving with the damped curvature gave NaN/inf: the matrix is numerically "
                 "singular; increase the regularization."

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 
 from .batch import iterate_batches
+from .finite import all_finite
 from .regularization import check_regularization
 from .tensor_operator import TensorOperator
 
@@ -230,7 +231,7 @@ def fit_ekfac_factors(
             evecs_g,
             torch.outer(evals_g, evals_a).clamp_min(0.0),
         )
-    if not all(bool(torch.isfinite(f.diag).all()) for f in factors.values()):
+    if not all(all_finite(f.diag) for f in factors.values()):
         raise ValueError("EK-FAC factors are not finite: the model outputs contain NaN/inf.")
     if update_diagonal:
         diag_acc = {name: torch.zeros_like(f.diag) for name, f in factors.items()}

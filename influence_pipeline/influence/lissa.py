@@ -14,7 +14,8 @@ at every application, so results are reproducible and, because each right-hand s
 on its own (‖h_{t+1} − h_t‖ ≤ rtol·‖h_{t+1}‖) and the batch sequence does not depend on
 which right-hand sides are active, a right-hand side's result does not depend on the other
 right-hand sides solved with it. Every iteration is one batched product for all active
-right-hand sides.
+right-hand sides, which are then updated in place; rows are copied only in the
+iterations where some right-hand sides stop.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from .batch import TorchBatch, as_batch
 from .curvature import CurvatureOperator
+from .finite import all_finite
 from .regularization import check_regularization
 from .tensor_operator import TensorOperator
 
@@ -128,40 +130,67 @@ class LissaOperator(TensorOperator):
                 raise ValueError("The LiSSA data loader yielded no batches.")
 
     def _apply_to_mat(self, mat: torch.Tensor) -> torch.Tensor:
-        h = mat.clone()
-        active = torch.arange(mat.shape[0], device=mat.device)
+        # The update is written as h ← h + Δ with
+        #   Δ = v − (d + λ/s) h − (Σ_b ∇²ℓ h) / (s·|b|),
+        # the same recursion as the module docstring, evaluated in place on the product
+        # with one scratch buffer: no (K, P) temporaries beyond the product itself. Every
+        # elementwise step rounds once per entry (a scalar product or a sum of two
+        # tensors, no fused multiply-add), so a row's result does not depend on where it
+        # sits in the tensor. The active right-hand sides are kept compacted in h_work,
+        # v_work (at first the whole of ``mat``, with no copy): rows are copied out only
+        # when some right-hand sides stop, not at every iteration.
+        result = torch.empty_like(mat)
+        rows = torch.arange(mat.shape[0], device=mat.device)
+        h_work, v_work = mat.clone(), mat
+        shrink = self.dampen + (self._regularization or 0.0) / self.scale
+        scratch = torch.empty_like(mat) if shrink else None
         batches = self._batches()
         iterations = 0
         for iterations in range(1, self.maxiter + 1):
             batch = next(batches)
-            h_a, v_a = h[active], mat[active]
-            curvature = self.curvature.batch_prod_sum(batch, h_a) / len(batch)
-            if self._regularization:
-                curvature = curvature + self._regularization * h_a
-            new = v_a + (1.0 - self.dampen) * h_a - curvature / self.scale
-            if not bool(torch.isfinite(new).all()):
+            delta = self.curvature.batch_prod_sum(batch, h_work)
+            if _shares_memory(delta, h_work, v_work):  # updated in place below
+                delta = delta.clone()
+            delta.mul_(-1.0 / (self.scale * len(batch)))
+            delta.add_(v_work)
+            if scratch is not None:
+                damped = torch.mul(h_work, shrink, out=scratch[: h_work.shape[0]])
+                delta.sub_(damped)
+            change = torch.linalg.vector_norm(delta, dim=1)
+            h_work.add_(delta)
+            norm = torch.linalg.vector_norm(h_work, dim=1)
+            if not all_finite(norm) and not all_finite(h_work):  # else: the norm overflowed
                 raise ValueError(
                     "LiSSA diverged (NaN/inf): increase scale (it must exceed the largest "
                     "curvature eigenvalue) or dampen."
                 )
-            change = torch.linalg.vector_norm(new - h_a, dim=1)
-            h[active] = new
-            done = change <= self.rtol * torch.linalg.vector_norm(new, dim=1)
-            active = active[~done]
+            done = change <= self.rtol * norm
+            if bool(done.any()):
+                result[rows[done]] = h_work[done]
+                still = ~done
+                rows, h_work, v_work = rows[still], h_work[still], v_work[still]
             if self.progress and iterations % 100 == 0:
                 logger.info(
-                    "LiSSA iteration %d: %d right-hand sides active", iterations, active.numel()
+                    "LiSSA iteration %d: %d right-hand sides active", iterations, rows.numel()
                 )
-            if active.numel() == 0:
+            if rows.numel() == 0:
                 break
         self.last_iterations = iterations
-        if active.numel() > 0:
+        if rows.numel() > 0:
+            result[rows] = h_work
             message = (
-                f"LiSSA reached maxiter={self.maxiter} with {active.numel()} right-hand side(s) "
+                f"LiSSA reached maxiter={self.maxiter} with {rows.numel()} right-hand side(s) "
                 f"above rtol={self.rtol}; increase maxiter or scale, or dampen."
             )
             if self.warn_on_max_iteration:
                 warnings.warn(message, stacklevel=3)
             else:
                 logger.debug(message)
-        return h / self.scale
+        return result.div_(self.scale)
+
+
+def _shares_memory(tensor: torch.Tensor, *others: torch.Tensor) -> bool:
+    """Whether ``tensor`` lives in the storage of one of ``others`` (a curvature product
+    that returns a view of its input must not be updated in place)."""
+    storage = tensor.untyped_storage().data_ptr()
+    return any(storage == other.untyped_storage().data_ptr() for other in others)

@@ -103,12 +103,8 @@ class JacobiPreconditioner(Preconditioner):
         gen = _generator(operator.device, self.seed)
         probes = (
             torch.randint(
-                0,
-                2,
-                (self.num_samples_estimator, operator.input_size),
-                generator=gen,
-                device=operator.device,
-            ).to(operator.dtype)
+                0, 2, (self.num_samples_estimator, operator.input_size), generator=gen
+            ).to(device=operator.device, dtype=operator.dtype)
             * 2
             - 1
         )

@@ -91,10 +91,9 @@ def test_cuda_matches_cpu(name):
     cpu_factors, cpu_scores = run_on("cpu", name)
     gpu_factors, gpu_scores = run_on("cuda", name)
     assert gpu_factors.device.type == "cuda" and gpu_scores.device.type == "cuda"
-    # random sketches are drawn by device generators: only the exact methods must agree bitwise-ish
+    # Random sketches and probes are drawn on the CPU from the seed, so every method sees the
+    # same numbers on both devices; iterative stopping rules amplify rounding differences.
     tol = 1e-6 if name in ("arnoldi", "nystroem", "lissa") else 1e-9
-    if name in ("nystroem",):
-        tol = 1e-2  # different random sketch on another device; same approximation quality
     assert rel_error(gpu_scores.cpu(), cpu_scores) < tol
     assert rel_error(gpu_factors.cpu(), cpu_factors) < max(tol, 1e-9)
 

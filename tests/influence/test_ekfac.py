@@ -127,7 +127,7 @@ def test_kfac_factors_are_the_kronecker_product_of_second_moments():
         f = factors[name]
         A = inputs.T @ inputs / 20
         Q = torch.kron(f.evecs_g, f.evecs_a)
-        assert rel_error(Q @ torch.diag(f.diag.flatten()) @ Q.T, torch.kron(G, A)) < 1e-10, name
+        assert rel_error(Q @ torch.diag(f.diag.reshape(-1)) @ Q.T, torch.kron(G, A)) < 1e-10, name
 
 
 def test_ekfac_leaves_model_untouched():
