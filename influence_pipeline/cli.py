@@ -30,7 +30,8 @@ def _instance() -> dg.DagsterInstance:
 def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
     """Evaluate training_shard_sensor once and apply its result (what the daemon does)."""
     sensor = defs.resolve_sensor_def("training_shard_sensor")
-    result: Any = sensor(dg.build_sensor_context(instance=instance, definitions=defs))
+    with dg.build_sensor_context(instance=instance, definitions=defs) as context:
+        result: Any = sensor(context)
     for request in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(
             request.partitions_def_name, list(request.partition_keys or [])

@@ -9,6 +9,7 @@ import datetime
 import dagster as dg
 
 from influence_pipeline.defs import NIGHTLY, build_definitions, stale_frontier
+from influence_pipeline.store import InfluenceStore
 from influence_pipeline.workload import MethodSpec, ShardData, load_tensor_file, save_tensor_file
 
 from .conftest import N_SHARDS, requested, settle
@@ -31,12 +32,14 @@ def evaluate_schedule(s):
     requests = []
     for name in NIGHTLY:
         schedule = s.defs.resolve_schedule_def(name)
-        context = dg.build_schedule_context(
+        # used as a context manager: the context sets Dagster's current defs-state storage
+        # and only restores it on exit (left open, later calls find a dead instance)
+        with dg.build_schedule_context(
             instance=s.instance,
             repository_def=s.defs.get_repository_def(),
             scheduled_execution_time=datetime.datetime(2026, 11, 28, 2, tzinfo=datetime.UTC),
-        )
-        requests += schedule.evaluate_tick(context).run_requests
+        ) as context:
+            requests += schedule.evaluate_tick(context).run_requests
     return requests
 
 
@@ -132,8 +135,8 @@ def test_sensor_registers_a_new_shard(setup):
         shard_file(s, "shard-9"), ShardData(extra.x[:20], extra.y[:20], extra.ids[:20] + 100_000)
     )
     sensor = s.defs.resolve_sensor_def("training_shard_sensor")
-    context = dg.build_sensor_context(instance=s.instance, definitions=s.defs)
-    sensor_result = sensor(context)
+    with dg.build_sensor_context(instance=s.instance, definitions=s.defs) as context:
+        sensor_result = sensor(context)
     assert [list(r.partition_keys) for r in sensor_result.dynamic_partitions_requests] == [
         ["shard-9"]
     ]
@@ -147,15 +150,12 @@ def test_sensor_registers_a_new_shard(setup):
     assert requested(result) == {"influence_scores": ["holdout|shard-9", "validation|shard-9"]}
     # the new shard is allocated on demand by its scoring step and scored
     s.materialize("influence_scores", "validation|shard-9")
-    from influence_pipeline.store import InfluenceStore
-
     store = InfluenceStore(s.workload.store, mode="r")
     assert "shard-9" in store.status("validation")["validation"]["complete"]
     assert store.scores_table("validation", shards=["shard-9"]).train_id.min() >= 100_000
     # a second sensor tick with nothing new reports nothing
-    again = sensor(
-        dg.build_sensor_context(
-            instance=s.instance, definitions=s.defs, cursor=sensor_result.cursor
-        )
-    )
+    with dg.build_sensor_context(
+        instance=s.instance, definitions=s.defs, cursor=sensor_result.cursor
+    ) as context:
+        again = sensor(context)
     assert again.dynamic_partitions_requests == [] and again.asset_events == []
