@@ -14,8 +14,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 INFLUENCE_PIPELINE_CACHE=/tm
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, dagster, zarr; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'dagster', dagster.__version__, 'zarr', zarr.__version__)"
 mkdir -p "${OUT:-/tmp/out}"
-python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore \
-  tests/influence/test_devices.py tests/store/test_store_gpu.py tests/pipeline/test_gpu.py \
+python3 -m pytest -m gpu -q -p no:cacheprovider -W ignore -rs tests \
   2>&1 | tee "${OUT:-/tmp/out}/gpu_tests.txt" | tail -15
 timeout 240 python3 benchmarks/engine_benchmark.py --quick --large --skip-pydvl \
   --json "${OUT:-/tmp/out}/engine_gpu.json" 2>&1 | tail -45
