@@ -123,6 +123,11 @@ class StoreLocation:
                     os.fsync(handle.fileno())
             fsync_dir(directory)
 
+    def sync_dir(self, key: str) -> None:
+        """fsync the directory ``key`` itself (its entries; local stores only)."""
+        if self.is_local:
+            fsync_dir(self.local_path(key))
+
     @contextlib.contextmanager
     def lock(self, name: str = "allocation") -> Iterator[None]:
         if self.is_local:

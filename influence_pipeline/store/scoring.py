@@ -33,44 +33,81 @@ if TYPE_CHECKING:
 
 class _RunningTopK:
     """Per row, the k largest (or smallest) values seen so far, best first, and their
-    column positions. Once k values are held, a block only touches the rows where it
-    beats the current k-th value (one comparison pass otherwise)."""
+    column positions; among equal values the earlier column comes first, so the result
+    does not depend on how the columns were cut into blocks.
+
+    A block only contributes its candidates: the values strictly better than the row's
+    current k-th value (or, while fewer than k are held, at least as good as the block's
+    own k-th value). Past the first blocks these are a few per row, so an update costs a
+    comparison pass over the block and a sort of k + a few values per row, instead of a
+    partial sort of the whole block.
+    """
 
     def __init__(self, n_rows: int, k: int, largest: bool) -> None:
         self.k, self.sign = k, 1.0 if largest else -1.0
         self.values = np.empty((n_rows, 0), np.float32)
         self.positions = np.empty((n_rows, 0), np.int64)
 
-    def _merge(
-        self, values: np.ndarray, positions: np.ndarray, block: np.ndarray, offset: int
-    ) -> tuple[np.ndarray, np.ndarray]:
-        k = min(self.k, block.shape[1])
-        index = np.argpartition(-self.sign * block, k - 1, axis=1)[:, :k]
-        values = np.concatenate([values, np.take_along_axis(block, index, 1)], axis=1)
-        positions = np.concatenate([positions, index + offset], axis=1)
-        order = np.argsort(-self.sign * values, axis=1, kind="stable")[:, : self.k]
-        return np.take_along_axis(values, order, 1), np.take_along_axis(positions, order, 1)
+    def _candidates(self, block: np.ndarray) -> np.ndarray:
+        """Flat indices into ``block`` of its candidates, row-major."""
+        held, width, k = self.values.shape[1], block.shape[1], self.k
+        largest = self.sign > 0
+        if held == k:
+            kth = self.values[:, -1:]
+            mask = block > kth if largest else block < kth
+        elif width > k:
+            i = width - k if largest else k - 1
+            kth = np.partition(block, i, axis=1)[:, i : i + 1]
+            mask = block >= kth if largest else block <= kth
+        else:
+            return np.arange(block.size)
+        # 1-d: numpy's flatnonzero is several times faster than a 2-d nonzero
+        return np.flatnonzero(mask.reshape(-1))
 
     def update(self, block: np.ndarray, offset: int) -> None:
-        if self.values.shape[1] < self.k:
-            self.values, self.positions = self._merge(self.values, self.positions, block, offset)
+        """Take the (n_rows, b) ``block`` whose first column is column ``offset``; its
+        values must be finite (the writer checks before calling)."""
+        held, (n_rows, width) = self.values.shape[1], block.shape
+        if width == 0:
             return
-        kth = self.values[:, -1:]
-        rows = np.flatnonzero(((block > kth) if self.sign > 0 else (block < kth)).any(axis=1))
-        if rows.size:
-            values, positions = self._merge(
-                self.values[rows], self.positions[rows], block[rows], offset
-            )
-            self.values[rows], self.positions[rows] = values, positions
+        block = np.ascontiguousarray(block)
+        flat = self._candidates(block)
+        if flat.size == 0:
+            return
+        rows_of, columns = np.divmod(flat, width)
+        counts = np.bincount(rows_of, minlength=n_rows)
+        rows = np.flatnonzero(counts)
+        compact = (np.cumsum(counts > 0) - 1)[rows_of]
+        within = np.arange(flat.size) - (np.cumsum(counts) - counts)[rows_of]
+        worst = -self.sign * np.inf
+        candidates = np.full((rows.size, int(counts.max())), worst, np.float32)
+        candidate_positions = np.zeros(candidates.shape, np.int64)
+        candidates[compact, within] = block.reshape(-1)[flat]
+        candidate_positions[compact, within] = columns + offset
+        values = np.concatenate([self.values[rows], candidates], axis=1)
+        positions = np.concatenate([self.positions[rows], candidate_positions], axis=1)
+        # stable: kept values (earlier columns) stay ahead of equal candidates
+        order = np.argsort(-self.sign * values, axis=1, kind="stable")
+        if held < self.k:  # every row takes part (the first blocks)
+            held = min(self.k, held + width)
+            order = order[:, :held]
+            self.values = np.take_along_axis(values, order, 1)
+            self.positions = np.take_along_axis(positions, order, 1)
+        else:
+            order = order[:, :held]
+            self.values[rows] = np.take_along_axis(values, order, 1)
+            self.positions[rows] = np.take_along_axis(positions, order, 1)
 
 
 class ShardWriter:
     """Writes the scores of one allocated training shard (see the module docstring).
 
-    ``add`` hands each block to one background thread, which checks it, updates the
-    summaries and writes full column blocks, so the caller computes the next scores
-    meanwhile; at most two blocks wait. Errors of that thread surface at the next ``add``
-    or at ``finish``; nothing is marked complete unless ``finish`` returns.
+    ``add`` hands each block to a background thread, which checks it, updates the
+    summaries and fills the column-block buffer; a full buffer goes to a second thread that
+    encodes and writes it while the first fills the other buffer. So the caller computes
+    the next scores meanwhile; at most two score blocks wait, and at most two column blocks
+    are held. Errors of either thread surface at the next ``add`` or at ``finish``; nothing
+    is marked complete unless ``finish`` returns.
     """
 
     def __init__(
@@ -97,7 +134,8 @@ class ShardWriter:
         self.width = int(allocation["shard_width"])
         self.start, self.stop = int(slot["start"]), int(slot["stop"])
         self.expected_rows = int(slot["n_rows"])
-        self.array = store._array(store._scores_path(test_set, mode))
+        self._scores_key = store._scores_path(test_set, mode)
+        self.array = store._array(self._scores_key)
         self.n_test = int(self.array.shape[0])
         store.location.delete(store._shard_marker(test_set, shard))
         self.buffer = np.full((self.n_test, self.width, *self.array.shape[2:]), np.nan, np.float32)
@@ -110,6 +148,9 @@ class ShardWriter:
         self._ids: list[np.ndarray] = []
         self._pending: list[Future[None]] = []
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer-io")
+        self._writing: Future[None] | None = None  # the write of the other buffer
+        self._spare: np.ndarray | None = None
         self._started = time.perf_counter()
 
     # ---------------------------------------------------------------- caller thread
@@ -147,6 +188,10 @@ class ShardWriter:
             self._drain()
         finally:
             self._executor.shutdown(wait=True)
+            try:
+                self._wait_for_write()
+            finally:
+                self._io.shutdown(wait=True)
 
     # ---------------------------------------------------------------- writer thread
     def _consume(self, block: np.ndarray, offset: int) -> None:
@@ -171,15 +216,33 @@ class ShardWriter:
             if self.filled == self.width:
                 self._flush()
 
+    def _wait_for_write(self) -> None:
+        writing, self._writing = self._writing, None
+        if writing is not None:
+            writing.result()  # re-raises a failure of the io thread
+
+    def _write_block(self, buffer: np.ndarray, column: int) -> None:
+        """Write one column block and make it durable (here, so that the fsync overlaps
+        with filling the other buffer rather than delaying ``finish``)."""
+        self.array[:, column : column + self.width] = buffer
+        block = column // self.width
+        for row_chunk in range(-(-self.n_test // self.array.chunks[0])):
+            self.store.location.sync_tree(f"{self._scores_key}/c/{row_chunk}/{block}")
+
     def _flush(self) -> None:
-        self.array[:, self.next_column : self.next_column + self.width] = self.buffer
+        self._wait_for_write()  # the spare buffer is free again
+        self._writing = self._io.submit(self._write_block, self.buffer, self.next_column)
         self.next_column += self.width
+        if self._spare is None:
+            self._spare = np.empty_like(self.buffer)
+        self.buffer, self._spare = self._spare, self.buffer
         self.buffer[...] = np.nan
         self.filled = 0
 
     def _write_remaining(self) -> None:
         while self.next_column < self.stop:  # the last, partly filled block and stale ones
             self._flush()
+        self._wait_for_write()
 
     # ---------------------------------------------------------------- completion
     def finish(
@@ -203,22 +266,27 @@ class ShardWriter:
         else:
             shard_ids = np.arange(self.start, self.start + self.rows, dtype=np.int64)
         stats = _require_group(store.root, f"train_stats/{test_set}/{shard}")
-        _write(stats, "ids", shard_ids, ("train",))
+        summaries: list[tuple[Any, str, np.ndarray, tuple[str, ...]]] = [
+            (stats, "ids", shard_ids, ("train",))
+        ]
         score_min = score_max = float("nan")
         if self.mode is InfluenceMode.Up:
             total, low, high = (np.concatenate(column) for column in zip(*self._stats, strict=True))
             score_min, score_max = float(low.min()), float(high.max())
-            _write(stats, "sum", total, ("train",))
-            _write(stats, "min", low, ("train",))
-            _write(stats, "max", high, ("train",))
+            summaries += [
+                (stats, "sum", total, ("train",)),
+                (stats, "min", low, ("train",)),
+                (stats, "max", high, ("train",)),
+            ]
             topk = _require_group(store.root, f"topk/{test_set}/{shard}")
             for name, tracker in (("helpful", self._helpful), ("harmful", self._harmful)):
-                _write(topk, f"{name}_values", tracker.values, ("test", "k"))
-                _write(topk, f"{name}_rows", tracker.positions, ("test", "k"))
-        scores_key = store._scores_path(test_set, self.mode)
-        for row_chunk in store.location.list_dirs(f"{scores_key}/c"):
-            for column_block in range(self.start // self.width, self.stop // self.width):
-                store.location.sync_tree(f"{scores_key}/c/{row_chunk}/{column_block}")
+                summaries.append((topk, f"{name}_values", tracker.values, ("test", "k")))
+                summaries.append((topk, f"{name}_rows", tracker.positions, ("test", "k")))
+        for summary in summaries:
+            _write(*summary)
+        # the column blocks were synced as they were written; their directory entries now
+        for row_chunk in store.location.list_dirs(f"{self._scores_key}/c"):
+            store.location.sync_dir(f"{self._scores_key}/c/{row_chunk}")
         store.location.sync_tree(f"train_stats/{test_set}/{shard}")
         store.location.sync_tree(f"topk/{test_set}/{shard}")
         seconds = time.perf_counter() - self._started
