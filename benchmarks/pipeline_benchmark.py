@@ -36,6 +36,7 @@ import torch
 
 from influence_pipeline.cli import register_shards
 from influence_pipeline.defs import build_definitions
+from influence_pipeline.defs.runtime import resolve_device, restore
 from influence_pipeline.examples.digits import digits_workload, make_model
 from influence_pipeline.store import InfluenceStore, ShardSpec
 from influence_pipeline.workload import InMemoryShards, MethodSpec, ShardData, Workload
@@ -141,7 +142,8 @@ def dagster_overhead(
     store = InfluenceStore(workload.store)
     shard = workload.shards.names()[0]
     data = workload.shards.load(shard)
-    influence = store.load_block_mapper(workload.load_model(), workload.loss)
+    # the same restore on the same device as the asset (CUDA when there is one)
+    influence = restore(store, workload, resolve_device("auto"), workload.batch_size)
     dagster_runs, asset_seconds, bare = [], [], []
     for _ in range(repeats):
         store.location.delete(store._shard_marker("validation", shard))  # force a recomputation
