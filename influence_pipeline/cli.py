@@ -33,9 +33,12 @@ def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[
     with dg.build_sensor_context(instance=instance, definitions=defs) as context:
         result: Any = sensor(context)
     for request in result.dynamic_partitions_requests:
-        instance.add_dynamic_partitions(
-            request.partitions_def_name, list(request.partition_keys or [])
-        )
+        keys = list(request.partition_keys or [])
+        if isinstance(request, dg.DeleteDynamicPartitionsRequest):
+            for key in keys:
+                instance.delete_dynamic_partition(request.partitions_def_name, key)
+        else:
+            instance.add_dynamic_partitions(request.partitions_def_name, keys)
     for event in result.asset_events:
         instance.report_runless_asset_event(event)
     return list(instance.get_dynamic_partitions("train_shards"))

@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -31,10 +31,12 @@ def influence_tables(
     train_labels: Mapping[int, int] | None = None,
     test_labels: Mapping[int, int] | None = None,
     allow_incomplete: bool = False,
+    shards: Sequence[str] | None = None,
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(top_k, train_totals) of a test set (of its complete shards with ``allow_incomplete``)."""
-    top = store.top_k(test_set, k, allow_incomplete=allow_incomplete)
-    totals = store.train_aggregates(test_set, allow_incomplete=allow_incomplete)
+    """(top_k, train_totals) of a test set over ``shards`` (all allocated by default; only
+    the complete ones with ``allow_incomplete``)."""
+    top = store.top_k(test_set, k, shards=shards, allow_incomplete=allow_incomplete)
+    totals = store.train_aggregates(test_set, shards=shards, allow_incomplete=allow_incomplete)
     if test_labels is not None:
         top.insert(1, "test_label", top.test_id.map(test_labels).astype("Int64"))
     if train_labels is not None:

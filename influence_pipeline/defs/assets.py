@@ -432,11 +432,14 @@ def build_assets(
         registered = _registered_shards(context, workload, shards_name)
         status = artifacts.status(test_set)[test_set]
         missing = [s for s in registered if s not in status["complete"]]
-        if not status["complete"]:
+        # the training data is the registered shards that still exist: scores of a shard
+        # removed from the workload stay in the store but leave the tables
+        complete = [s for s in status["complete"] if s in set(registered)]
+        if not complete:
             raise dg.Failure(description=f"No training shard of {test_set!r} is scored yet.")
         test = workload.test_set(test_set)
         train_labels: dict[int, int] = {}
-        for shard in status["complete"]:
+        for shard in complete:
             part = workload.shards.load(shard)
             train_labels.update(label_map(part.ids.numpy(), part.y.numpy()) or {})
         top, totals = influence_tables(
@@ -446,18 +449,19 @@ def build_assets(
             train_labels or None,
             label_map(test.ids.numpy(), test.y.numpy()),
             allow_incomplete=True,  # a missing shard fails the blocking check below
+            shards=complete,
         )
         top_uri = artifacts.write_table(f"{test_set}/top_k", top)
         totals_uri = artifacts.write_table(f"{test_set}/train_totals", totals)
-        sample = _score_sample(artifacts, test_set, status["complete"])
+        sample = _score_sample(artifacts, test_set, complete)
         plot = score_histogram(sample, f"{test_set}: influence scores ({len(sample):,} sampled)")
-        records = [artifacts.shard_record(test_set, s) or {} for s in status["complete"]]
+        records = [artifacts.shard_record(test_set, s) or {} for s in complete]
         version = combine(
             *sorted(f"{r.get('data_fingerprint')}:{r.get('factors_fingerprint')}" for r in records)
         )
         harmful = top[top.kind == "harmful"].head(10)
         preview = (
-            f"**{test_set}**: {len(status['complete'])} shards, {len(totals):,} training examples, "
+            f"**{test_set}**: {len(complete)} shards, {len(totals):,} training examples, "
             f"{top.test_id.nunique():,} test points\n\n"
             f"Most harmful (first rows):\n\n{frame_to_markdown(harmful, 10)}\n\n"
             "Training examples that hurt most overall:\n\n"
@@ -475,7 +479,7 @@ def build_assets(
                 "dagster/column_schema": _schema(top),
                 "train_totals_rows": len(totals),
                 "train_totals_schema": dg.MetadataValue.table_schema(_schema(totals)),
-                "shards": dg.MetadataValue.json(status["complete"]),
+                "shards": dg.MetadataValue.json(complete),
                 "preview": dg.MetadataValue.md(preview),
                 "seconds": round(time.perf_counter() - start, 3),
             },

@@ -4,7 +4,8 @@ the nightly schedule.
 * ``training_shard_sensor`` (every minute, running by default) registers new training
   shards as partitions of ``train_shards`` and reports each new or changed shard's
   fingerprint as an observation of ``training_shards``; a changed fingerprint is a new data
-  version, which re-scores exactly that shard for every test set.
+  version, which re-scores exactly that shard for every test set. A shard whose data is
+  gone is unregistered and the tables are rebuilt without it (the audit follows).
 * ``influence_automation`` (running by default) materializes partitions whose automation
   condition holds: missing, code version changed, or an upstream data version changed.
 * ``nightly_influence_audit`` (02:00 UTC, running by default) requests the stale or missing
@@ -33,7 +34,9 @@ def build_shard_sensor(
         name="training_shard_sensor",
         minimum_interval_seconds=60,
         default_status=dg.DefaultSensorStatus.RUNNING,
-        description="Registers new training shards as partitions and reports changed shards.",
+        asset_selection=[dg.AssetKey("influence_table")],
+        description="Registers new training shards as partitions, reports changed shards and "
+        "unregisters removed ones.",
     )
     def training_shard_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         names = workload.shards.names()
@@ -50,8 +53,26 @@ def build_shard_sensor(
             )
             for name in changed
         ]
+        # a shard whose data is gone stops being a partition (its stored scores stay, but
+        # the tables and the audit cover only the shards that exist)
+        gone = sorted(known - set(names))
+        requests: list[Any] = [shards_def.build_add_request(new)] if new else []
+        rebuild: list[dg.RunRequest] = []
+        if gone:
+            requests.append(shards_def.build_delete_request(gone))
+            # nothing upstream of the tables changed, so automation would not notice:
+            # rebuild them (the audit follows as their data versions change)
+            rebuild = [
+                dg.RunRequest(
+                    partition_key=test_set,
+                    asset_selection=[dg.AssetKey("influence_table")],
+                    tags={"influence_pipeline/reason": f"shards removed: {', '.join(gone)}"},
+                )
+                for test_set in workload.test_sets
+            ]
         return dg.SensorResult(
-            dynamic_partitions_requests=[shards_def.build_add_request(new)] if new else [],
+            run_requests=rebuild,
+            dynamic_partitions_requests=requests,
             asset_events=events,
             cursor=json.dumps(fingerprints, sort_keys=True),
         )

@@ -65,7 +65,9 @@ def scores_table(
     rows = _positions(all_test_ids, test_ids, "test")
     allocation = store.allocation(test_set)["shards"]
     frames = []
-    wanted = None if train_ids is None else pd.Index(np.asarray(train_ids, dtype=np.int64))
+    wanted = (
+        None if train_ids is None else pd.Index(pd.unique(np.asarray(train_ids, dtype=np.int64)))
+    )
     found: set[int] = set()
     for shard in _complete_shards(store, test_set, shards, allow_incomplete):
         ids = store._read(f"train_stats/{test_set}/{shard}/ids", ...)
@@ -115,15 +117,18 @@ def top_k(
     k: int = 10,
     *,
     kind: str = "both",
+    shards: Sequence[str | int] | None = None,
     allow_incomplete: bool = False,
 ) -> pd.DataFrame:
     """Per test point, the k most helpful (largest scores) and/or most harmful (smallest)
     training examples: columns test_id, kind, rank (1 = strongest), train_id, train_shard,
     train_row, score."""
+    if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+        raise StoreError(f"k must be a positive integer, got {k!r}.")
     if kind not in ("helpful", "harmful", "both"):
         raise StoreError(f"kind must be 'helpful', 'harmful' or 'both', not {kind!r}.")
     test_ids = store.test_ids(test_set)
-    shards = _complete_shards(store, test_set, None, allow_incomplete)
+    shards = _complete_shards(store, test_set, shards, allow_incomplete)
     if not shards:
         raise IncompleteArtifactError(f"No complete shards for test set {test_set!r}.")
     frames = []
@@ -136,12 +141,11 @@ def top_k(
             rows.append(r)
             shard_index.append(np.full_like(r, i))
             ids_list.append(store._read(f"train_stats/{test_set}/{shard}/ids", ...))
-        stored_k = min(v.shape[1] for v in values)
-        if k > stored_k:
-            total_rows = sum(len(ids) for ids in ids_list)
-            if stored_k < total_rows:
+        for v, ids, shard in zip(values, ids_list, shards, strict=True):
+            if v.shape[1] < min(k, len(ids)):  # a shard of n rows keeps at most n
                 raise StoreError(
-                    f"The shards of {test_set!r} kept only the top {stored_k}; asked for {k}."
+                    f"Shard {shard!r} of {test_set!r} kept only its top {v.shape[1]}; asked "
+                    f"for {k} (score it again with a larger top_k)."
                 )
         v_all = np.concatenate(values, axis=1)
         r_all = np.concatenate(rows, axis=1)
@@ -174,12 +178,17 @@ def top_k(
 
 
 def train_aggregates(
-    store: InfluenceStore, test_set: str, *, allow_incomplete: bool = False
+    store: InfluenceStore,
+    test_set: str,
+    *,
+    shards: Sequence[str | int] | None = None,
+    allow_incomplete: bool = False,
 ) -> pd.DataFrame:
-    """Per training example: score_sum, score_mean, score_min, score_max over the test set."""
+    """Per training example: score_sum, score_mean, score_min, score_max over the test set
+    (of the given ``shards``, all allocated ones by default)."""
     n_test = len(store.test_ids(test_set))
     frames = []
-    for shard in _complete_shards(store, test_set, None, allow_incomplete):
+    for shard in _complete_shards(store, test_set, shards, allow_incomplete):
         base = f"train_stats/{test_set}/{shard}"
         ids = store._read(f"{base}/ids", ...)
         total = store._read(f"{base}/sum", ...)

@@ -13,6 +13,7 @@ one batch at a time. Memory: the factors, one batch of gradients, two column blo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -135,9 +136,20 @@ class ShardWriter:
         self.start, self.stop = int(slot["start"]), int(slot["stop"])
         self.expected_rows = int(slot["n_rows"])
         self._scores_key = store._scores_path(test_set, mode)
+        if mode is InfluenceMode.Perturbation and not store._exists(self._scores_key):
+            raise StoreError(
+                f"No perturbation scores array for {test_set!r}: allocate the shards with "
+                "input_shape (the shape of one input x) to write perturbation scores."
+            )
         self.array = store._array(self._scores_key)
         self.n_test = int(self.array.shape[0])
-        store.location.delete(store._shard_marker(test_set, shard))
+        if self.stop > self.array.shape[1]:
+            raise StoreError(
+                f"Shard {shard!r} is allocated columns {self.start}..{self.stop} but the "
+                f"{mode.value} scores array of {test_set!r} has {self.array.shape[1]} columns: "
+                "allocate the shards with input_shape to write perturbation scores."
+            )
+        store.location.delete(store._shard_marker(test_set, shard, mode))
         self.buffer = np.full((self.n_test, self.width, *self.array.shape[2:]), np.nan, np.float32)
         self.filled = 0
         self.next_column = self.start
@@ -169,10 +181,12 @@ class ShardWriter:
             )
         if ids is not None:
             self._ids.append(_as_ids(ids, n, "Batch ids"))
+        # the block is used after add() returns: never keep a view of the caller's memory
         if isinstance(scores, torch.Tensor):
-            block = scores.detach().to("cpu", torch.float32).numpy()
+            cpu = scores.detach().to("cpu", torch.float32)
+            block = (cpu.clone() if cpu.data_ptr() == scores.data_ptr() else cpu).numpy()
         else:
-            block = np.asarray(scores, dtype=np.float32)
+            block = np.array(scores, dtype=np.float32, copy=True)
         while len(self._pending) >= 2:
             self._pending.pop(0).result()  # re-raises a failure of the writer thread
         self._pending.append(self._executor.submit(self._consume, block, self.rows))
@@ -292,7 +306,7 @@ class ShardWriter:
         seconds = time.perf_counter() - self._started
         columns = (self.start, self.start + self.rows)
         store.location.write_json(
-            store._shard_marker(test_set, shard),
+            store._shard_marker(test_set, shard, self.mode),
             {
                 "n_rows": self.rows,
                 "columns": list(columns),
@@ -339,8 +353,10 @@ def score_shard(
             hasher.update(x, y)
             writer.add(influence.influences_from_factors(factors, x, y, mode=mode), batch_ids)
         return writer.finish(hasher.hexdigest(), ids)
-    finally:
-        writer.close()
+    except BaseException:
+        with contextlib.suppress(Exception):  # report the first error, not a follow-up
+            writer.close()
+        raise
 
 
 def _require_group(root: Any, path: str) -> Any:

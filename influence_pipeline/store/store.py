@@ -498,7 +498,8 @@ class InfluenceStore:
                 if spec.name not in order:
                     order.append(spec.name)
                 n_columns += slots * width
-                self.location.delete(self._shard_marker(test_set, spec.name))
+                for mode in InfluenceMode:
+                    self.location.delete(self._shard_marker(test_set, spec.name, mode))
             if n_columns != array.shape[1]:
                 array.resize((n_test, n_columns))
             for prefix in ("topk", "train_stats"):  # parents of the shard writers' groups
@@ -506,6 +507,12 @@ class InfluenceStore:
             array.attrs.update({"shard_width": width, "shards": allocation, "order": order})
             if input_shape is not None:
                 self._allocate_perturbation(test_set, n_test, n_columns, width, tuple(input_shape))
+            elif self._exists(self._scores_path(test_set, InfluenceMode.Perturbation)):
+                # keep an existing perturbation array as wide as the allocation
+                existing = self._array(self._scores_path(test_set, InfluenceMode.Perturbation))
+                self._allocate_perturbation(
+                    test_set, n_test, n_columns, width, tuple(existing.shape[2:])
+                )
             return {"shard_width": width, "shards": allocation, "order": order}
 
     def _allocate_perturbation(
@@ -535,8 +542,13 @@ class InfluenceStore:
         )
 
     # ================================================================== scores: writing
-    def _shard_marker(self, test_set: str, shard: str) -> str:
-        return f"_status/scores/{test_set}/{shard}.json"
+    def _shard_marker(
+        self, test_set: str, shard: str, mode: InfluenceMode = InfluenceMode.Up
+    ) -> str:
+        """Completion marker of one shard's scores; each mode has its own (a perturbation
+        run neither completes nor invalidates the up-weighting scores)."""
+        folder = "scores" if mode is InfluenceMode.Up else "scores_perturbation"
+        return f"_status/{folder}/{test_set}/{shard}.json"
 
     def resolve_shard(self, test_set: str, shard: str | int) -> str:
         order = self.allocation(test_set)["order"]
@@ -577,10 +589,13 @@ class InfluenceStore:
         return score_shard(self, test_set, name, influence, loader, top_k=top_k, ids=ids, mode=mode)
 
     # ================================================================== status
-    def shard_record(self, test_set: str, shard: str | int) -> dict[str, Any] | None:
-        """The completion record of a shard, or None when it is not complete."""
+    def shard_record(
+        self, test_set: str, shard: str | int, mode: InfluenceMode = InfluenceMode.Up
+    ) -> dict[str, Any] | None:
+        """The completion record of a shard's scores in ``mode``, or None when they are
+        not complete."""
         name = self.resolve_shard(test_set, shard)
-        record = self.location.read_json(self._shard_marker(test_set, name))
+        record = self.location.read_json(self._shard_marker(test_set, name, mode))
         if record is None:
             return None
         allocated = self.allocation(test_set)["shards"][name]

@@ -159,3 +159,42 @@ def test_sensor_registers_a_new_shard(setup):
     ) as context:
         again = sensor(context)
     assert again.dynamic_partitions_requests == [] and again.asset_events == []
+
+
+def test_a_removed_shard_leaves_the_tables_and_the_audit(setup):
+    s = setup
+    s.run_all()
+    result = settle(s)
+    store = InfluenceStore(s.workload.store, mode="r")
+    removed_ids = set(store.train_aggregates("validation", shards=["shard-2"]).train_id)
+    shard_file(s, "shard-2").unlink()
+    sensor = s.defs.resolve_sensor_def("training_shard_sensor")
+    with dg.build_sensor_context(instance=s.instance, definitions=s.defs) as context:
+        sensor_result = sensor(context)
+    deletions = [
+        list(r.partition_keys)
+        for r in sensor_result.dynamic_partitions_requests
+        if isinstance(r, dg.DeleteDynamicPartitionsRequest)
+    ]
+    assert deletions == [["shard-2"]]
+    # the sensor asks for the tables again: nothing upstream of them changed
+    rebuild = sorted(
+        (r.partition_key, tuple(k.to_user_string() for k in r.asset_selection or []))
+        for r in sensor_result.run_requests or []
+    )
+    assert rebuild == [(t, ("influence_table",)) for t in sorted(s.workload.test_sets)]
+    assert s.register() == [f"shard-{i}" for i in range(N_SHARDS - 1)]
+    for test_set in s.workload.test_sets:
+        s.materialize("influence_table", test_set)
+    # new tables: automation carries the change to the audit, and only there
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert requested(result) == {"data_audit": [""]}
+    assert s.materialize("data_audit").success
+    for test_set in s.workload.test_sets:
+        top = store.read_table(f"{test_set}/top_k")
+        totals = store.read_table(f"{test_set}/train_totals")
+        assert not removed_ids & set(top.train_id) and not removed_ids & set(totals.train_id)
+    flagged = store.read_table("audit/latest")
+    assert not removed_ids & set(flagged.train_id)
