@@ -3,8 +3,11 @@
 The graph (see ``assets.py``): training_shards → block_mapper → influence_factors[test_set]
 → influence_scores[test_set|train_shard] → influence_table[test_set] → data_audit, with
 in-asset blocking checks, whole-store checks, a training-shard sensor, declarative
-automation and a nightly schedule (``automation.py``). Runs use the multiprocess executor;
-the scoring step is in pool ``gpu`` (limit 1 in ``dagster_home/dagster.yaml``).
+automation and a nightly schedule (``automation.py``). Runs execute in process: a
+partitioned run here is one step, and a step subprocess of the multiprocess executor costs
+about 6 s of imports (torch, dagster) per run for no parallelism; runs still run side by
+side, each in its own process, under the run queue. The scoring step is in pool ``gpu``
+(limit 1 in ``dagster_home/dagster.yaml``; the in-process executor honours pools too).
 """
 
 import dagster as dg
@@ -42,7 +45,7 @@ def build_definitions(workload: Workload, store: str | None = None) -> dg.Defini
         ],
         schedules=build_nightly_schedules(workload, shards_def, check_keys),
         resources={"store": InfluenceStoreResource(root=store or workload.store)},
-        executor=dg.multiprocess_executor,
+        executor=dg.in_process_executor,
     )
 
 
