@@ -434,7 +434,8 @@ def build_assets(
         missing = [s for s in registered if s not in status["complete"]]
         # the training data is the registered shards that still exist: scores of a shard
         # removed from the workload stay in the store but leave the tables
-        complete = [s for s in status["complete"] if s in set(registered)]
+        current = set(registered)
+        complete = [s for s in status["complete"] if s in current]
         if not complete:
             raise dg.Failure(description=f"No training shard of {test_set!r} is scored yet.")
         test = workload.test_set(test_set)

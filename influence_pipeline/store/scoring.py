@@ -143,6 +143,7 @@ class ShardWriter:
             )
         self.array = store._array(self._scores_key)
         self.n_test = int(self.array.shape[0])
+        self._row_chunks = -(-self.n_test // self.array.chunks[0])  # chunk directories c/<r>
         if self.stop > self.array.shape[1]:
             raise StoreError(
                 f"Shard {shard!r} is allocated columns {self.start}..{self.stop} but the "
@@ -240,7 +241,7 @@ class ShardWriter:
         with filling the other buffer rather than delaying ``finish``)."""
         self.array[:, column : column + self.width] = buffer
         block = column // self.width
-        for row_chunk in range(-(-self.n_test // self.array.chunks[0])):
+        for row_chunk in range(self._row_chunks):
             self.store.location.sync_tree(f"{self._scores_key}/c/{row_chunk}/{block}")
 
     def _flush(self) -> None:
@@ -280,26 +281,20 @@ class ShardWriter:
         else:
             shard_ids = np.arange(self.start, self.start + self.rows, dtype=np.int64)
         stats = _require_group(store.root, f"train_stats/{test_set}/{shard}")
-        summaries: list[tuple[Any, str, np.ndarray, tuple[str, ...]]] = [
-            (stats, "ids", shard_ids, ("train",))
-        ]
+        _write(stats, "ids", shard_ids, ("train",))
         score_min = score_max = float("nan")
         if self.mode is InfluenceMode.Up:
             total, low, high = (np.concatenate(column) for column in zip(*self._stats, strict=True))
             score_min, score_max = float(low.min()), float(high.max())
-            summaries += [
-                (stats, "sum", total, ("train",)),
-                (stats, "min", low, ("train",)),
-                (stats, "max", high, ("train",)),
-            ]
+            _write(stats, "sum", total, ("train",))
+            _write(stats, "min", low, ("train",))
+            _write(stats, "max", high, ("train",))
             topk = _require_group(store.root, f"topk/{test_set}/{shard}")
             for name, tracker in (("helpful", self._helpful), ("harmful", self._harmful)):
-                summaries.append((topk, f"{name}_values", tracker.values, ("test", "k")))
-                summaries.append((topk, f"{name}_rows", tracker.positions, ("test", "k")))
-        for summary in summaries:
-            _write(*summary)
+                _write(topk, f"{name}_values", tracker.values, ("test", "k"))
+                _write(topk, f"{name}_rows", tracker.positions, ("test", "k"))
         # the column blocks were synced as they were written; their directory entries now
-        for row_chunk in store.location.list_dirs(f"{self._scores_key}/c"):
+        for row_chunk in range(self._row_chunks):
             store.location.sync_dir(f"{self._scores_key}/c/{row_chunk}")
         store.location.sync_tree(f"train_stats/{test_set}/{shard}")
         store.location.sync_tree(f"topk/{test_set}/{shard}")

@@ -505,22 +505,29 @@ class InfluenceStore:
             for prefix in ("topk", "train_stats"):  # parents of the shard writers' groups
                 self.root.require_group(prefix).require_group(test_set)
             array.attrs.update({"shard_width": width, "shards": allocation, "order": order})
-            if input_shape is not None:
-                self._allocate_perturbation(test_set, n_test, n_columns, width, tuple(input_shape))
-            elif self._exists(self._scores_path(test_set, InfluenceMode.Perturbation)):
-                # keep an existing perturbation array as wide as the allocation
-                existing = self._array(self._scores_path(test_set, InfluenceMode.Perturbation))
-                self._allocate_perturbation(
-                    test_set, n_test, n_columns, width, tuple(existing.shape[2:])
-                )
+            self._allocate_perturbation(
+                test_set,
+                n_test,
+                n_columns,
+                width,
+                None if input_shape is None else tuple(input_shape),
+            )
             return {"shard_width": width, "shards": allocation, "order": order}
 
     def _allocate_perturbation(
-        self, test_set: str, n_test: int, n_columns: int, width: int, input_shape: tuple[int, ...]
+        self,
+        test_set: str,
+        n_test: int,
+        n_columns: int,
+        width: int,
+        input_shape: tuple[int, ...] | None,
     ) -> None:
+        """Create the perturbation scores array (given ``input_shape``) or keep an existing
+        one as wide as the allocation (``input_shape`` None: only if it exists)."""
         path = self._scores_path(test_set, InfluenceMode.Perturbation)
         if self._exists(path):
             array = self._array(path)
+            input_shape = tuple(array.shape[2:]) if input_shape is None else input_shape
             if tuple(array.shape[2:]) != input_shape:
                 raise StoreError(
                     f"Perturbation scores of {test_set!r} have input shape "
@@ -528,6 +535,8 @@ class InfluenceStore:
                 )
             if array.shape[1] != n_columns:
                 array.resize((n_test, n_columns, *input_shape))
+            return
+        if input_shape is None:
             return
         features = int(np.prod(input_shape)) if input_shape else 1
         row_chunk = min(n_test, max(1, SCORE_CHUNK_BYTES // (4 * width * features)))
@@ -547,8 +556,7 @@ class InfluenceStore:
     ) -> str:
         """Completion marker of one shard's scores; each mode has its own (a perturbation
         run neither completes nor invalidates the up-weighting scores)."""
-        folder = "scores" if mode is InfluenceMode.Up else "scores_perturbation"
-        return f"_status/{folder}/{test_set}/{shard}.json"
+        return f"_status/{self._scores_path(test_set, mode)}/{shard}.json"
 
     def resolve_shard(self, test_set: str, shard: str | int) -> str:
         order = self.allocation(test_set)["order"]
