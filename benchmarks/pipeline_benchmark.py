@@ -89,22 +89,28 @@ def synthetic_workload(root: Path, n_train: int, n_shards: int, n_test: int) -> 
     )
 
 
+def _materialize(
+    defs: dg.Definitions, instance: dg.DagsterInstance, key: str, partition: str | None
+) -> dg.ExecuteInProcessResult:
+    """One in-process run of asset ``key`` (partition ``partition``), console logs quiet."""
+    return dg.materialize(
+        list(defs.assets or []),
+        selection=[key],
+        partition_key=partition,
+        instance=instance,
+        resources=defs.resources,
+        run_config=QUIET,
+    )
+
+
 def stage_timings(workload: Workload, instance: dg.DagsterInstance) -> dict[str, float]:
     defs = build_definitions(workload)
     shards = register_shards(defs, instance)
-    assets = list(defs.assets or [])
     timings: dict[str, float] = {}
 
     def run(key: str, partition: str | None) -> None:
         start = time.perf_counter()
-        result = dg.materialize(
-            assets,
-            selection=[key],
-            partition_key=partition,
-            instance=instance,
-            resources=defs.resources,
-            run_config=QUIET,
-        )
+        result = _materialize(defs, instance, key, partition)
         assert result.success, key
         timings[key] = timings.get(key, 0.0) + time.perf_counter() - start
 
@@ -129,16 +135,8 @@ def dagster_overhead(
     """Alternate a Dagster run of one scoring partition with the bare store call."""
     defs = build_definitions(workload)
     register_shards(defs, instance)
-    assets = list(defs.assets or [])
     for key, partition in (("block_mapper", None), ("influence_factors", "validation")):
-        dg.materialize(
-            assets,
-            selection=[key],
-            partition_key=partition,
-            instance=instance,
-            resources=defs.resources,
-            run_config=QUIET,
-        )
+        _materialize(defs, instance, key, partition)
     store = InfluenceStore(workload.store)
     shard = workload.shards.names()[0]
     data = workload.shards.load(shard)
@@ -148,14 +146,7 @@ def dagster_overhead(
     for _ in range(repeats):
         store.location.delete(store._shard_marker("validation", shard))  # force a recomputation
         start = time.perf_counter()
-        result = dg.materialize(
-            assets,
-            selection=["influence_scores"],
-            partition_key=f"validation|{shard}",
-            instance=instance,
-            resources=defs.resources,
-            run_config=QUIET,
-        )
+        result = _materialize(defs, instance, "influence_scores", f"validation|{shard}")
         dagster_runs.append(time.perf_counter() - start)
         asset_seconds.append(
             result.get_asset_materialization_events()[0].materialization.metadata["seconds"].value
