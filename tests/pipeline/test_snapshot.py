@@ -39,6 +39,9 @@ def describe(defs: dg.Definitions) -> dict:
         }
     return {
         "assets": assets,
+        "executor": defs.executor.name
+        if defs.executor
+        else None,  # in process: no 6 s subprocess per run
         "sensors": sorted(s.name for s in defs.sensors or []),
         "schedules": sorted(
             (s.name, s.cron_schedule, s.execution_timezone) for s in defs.schedules or []
