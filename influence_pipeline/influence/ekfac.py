@@ -59,6 +59,13 @@ class EkfacLayerFactors:
     evecs_g: torch.Tensor  # (out, out)
     diag: torch.Tensor  # (out, in + bias): eigenvalues in the Kronecker eigenbasis
 
+    def __post_init__(self) -> None:
+        # Row-major whatever produced them (LAPACK's eigenvectors are column-major, a restore
+        # reads row-major): live and restored factors take the same matmul path.
+        self.evecs_a = self.evecs_a.contiguous()
+        self.evecs_g = self.evecs_g.contiguous()
+        self.diag = self.diag.contiguous()
+
     @property
     def parameter_names(self) -> list[str]:
         names = [f"{self.name}.weight"]

@@ -28,6 +28,11 @@ class LowRankProductRepresentation:
     projections: torch.Tensor
 
     def __post_init__(self) -> None:
+        # One memory layout whatever produced the tensors (LAPACK returns column-major
+        # eigenvectors, a restore reads row-major ones): live and restored methods then take
+        # the same matmul path.
+        self.eigen_vals = self.eigen_vals.contiguous()
+        self.projections = self.projections.contiguous()
         if self.projections.ndim != 2 or self.eigen_vals.ndim != 1:
             raise ValueError(
                 "Expected projections (P, r) and eigen_vals (r,), got "

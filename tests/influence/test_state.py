@@ -1,4 +1,9 @@
-"""Fitted state round trip: JSON attributes + tensors rebuild the same influences, bit for bit."""
+"""Fitted state round trip: JSON attributes + tensors rebuild the same method.
+
+The stored tensors come back bit for bit (no arithmetic involved). Influences computed from
+them agree to a stated tolerance, never asserted bit-equal: the restored tensors may reach
+BLAS through another memory layout or thread split than the live ones on some machines.
+"""
 
 from __future__ import annotations
 
@@ -69,9 +74,22 @@ def methods(net):
     }
 
 
+def _assert_states_equal(a, b):
+    assert a.method == b.method and a.config == b.config and a.loss == b.loss
+    assert [(blk.name, blk.parameters, blk.attrs) for blk in a.blocks] == [
+        (blk.name, blk.parameters, blk.attrs) for blk in b.blocks
+    ]
+    for left, right in zip(a.blocks, b.blocks, strict=True):
+        assert left.tensors.keys() == right.tensors.keys()
+        for key in left.tensors:
+            assert torch.equal(left.tensors[key], right.tensors[key]), (left.name, key)
+
+
 @pytest.mark.parametrize("name", list(methods(problem()[0])))
-def test_round_trip_is_bit_identical(name):
+def test_round_trip_restores_the_state_exactly(name):
     net, x, y = problem()
+    net = net.double()
+    x = x.double()
     loader = DataLoader(TensorDataset(x, y), batch_size=16)
     model = methods(net)[name].fit(loader)
     state = fitted_state(model)
@@ -79,11 +97,20 @@ def test_round_trip_is_bit_identical(name):
     restored = restore_influence(state, net, data=loader)  # loss resolved by name
     assert type(restored) is type(model)
     assert restored.block_names == model.block_names
-    assert torch.equal(
-        restored.influences(x[:4], y[:4], x, y), model.influences(x[:4], y[:4], x, y)
+    # the state itself: bit for bit
+    _assert_states_equal(fitted_state(restored), state)
+    # what is computed from it: float64 round-off only (1e-10 relative to the largest score)
+    expected = model.influences(x[:4], y[:4], x, y)
+    scale = expected.abs().max()
+    torch.testing.assert_close(
+        restored.influences(x[:4], y[:4], x, y), expected, rtol=0, atol=1e-10 * scale
     )
-    assert torch.equal(
-        restored.influence_factors(x[:4], y[:4]), model.influence_factors(x[:4], y[:4])
+    factors = model.influence_factors(x[:4], y[:4])
+    torch.testing.assert_close(
+        restored.influence_factors(x[:4], y[:4]),
+        factors,
+        rtol=0,
+        atol=1e-10 * factors.abs().max(),
     )
 
 

@@ -25,6 +25,7 @@ from influence_pipeline.influence import (
     JacobiPreconditioner,
     LissaInfluence,
     NystroemSketchInfluence,
+    fitted_state,
 )
 from influence_pipeline.store import (
     IncompleteArtifactError,
@@ -83,7 +84,7 @@ METHODS = {
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_block_mapper_round_trip_is_bit_identical(root, name):
+def test_block_mapper_round_trip(root, name):
     x, y, xt, yt = w.data()
     loader = DataLoader(TensorDataset(x, y), batch_size=64)
     influence = METHODS[name](w.model(), F.cross_entropy).fit(loader)
@@ -93,8 +94,17 @@ def test_block_mapper_round_trip_is_bit_identical(root, name):
     reopened = InfluenceStore(root, mode="r")
     loaded = reopened.load_block_mapper(w.model(), data=loader)
     assert type(loaded) is type(influence)
-    assert torch.equal(
-        loaded.influences(xt, yt, x[:50], y[:50]), influence.influences(xt, yt, x[:50], y[:50])
+    # the stored tensors come back bit for bit; scores from them agree to float32
+    # round-off (BLAS may take another path for the reloaded tensors on some machines)
+    for live, back in zip(fitted_state(influence).blocks, fitted_state(loaded).blocks, strict=True):
+        for key, tensor in live.tensors.items():
+            assert torch.equal(tensor, back.tensors[key]), (live.name, key)
+    expected = influence.influences(xt, yt, x[:50], y[:50])
+    torch.testing.assert_close(
+        loaded.influences(xt, yt, x[:50], y[:50]),
+        expected,
+        rtol=0,
+        atol=1e-5 * float(expected.abs().max()),
     )
     # saving the same state again is a no-op version-wise
     assert store.save_block_mapper(influence) == digest
