@@ -15,16 +15,27 @@ per-sample loss ℓ(θ; xᵢ, yᵢ) = loss(model(xᵢ[None]), yᵢ[None]):
 
 Flat layouts concatenate the block's parameters, each flattened row-major, in block order.
 Inputs are moved to the model's device and floating inputs cast to its dtype.
+
+Attention: every product here runs under ``torch.func`` transforms (vmap, second
+derivatives, forward mode). The fused ``scaled_dot_product_attention`` kernels (flash,
+memory-efficient) have no double-backward formula and no vmap batching rule (a slow
+per-sample fallback), so each call selects the math backend, which is plain differentiable
+torch operations, and turns off the fused inference path of ``nn.MultiheadAttention`` /
+``nn.TransformerEncoderLayer`` in eval mode (no forward-mode derivative); the result is the
+same attention, the caller's settings are restored afterwards, and models without
+attention are unaffected.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 import torch
 from torch.func import functional_call, grad, jacrev, jvp, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .batch import TorchBatch
 from .finite import all_finite
@@ -35,6 +46,27 @@ LossType = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 #: Upper bound on (samples x vectors) handled in one vectorised curvature product; larger
 #: products are split into chunks of vectors so memory stays bounded.
 MAX_SAMPLE_VECTORS = 1 << 16
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def differentiable_attention(function: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run ``function`` with ``scaled_dot_product_attention`` on its math backend (the only
+    one with second derivatives and vmap batching rules) and without the fused
+    MultiheadAttention inference path (see the module docstring)."""
+
+    @functools.wraps(function)
+    def wrapper(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            with sdpa_kernel(SDPBackend.MATH):
+                return function(*args, **kwargs)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+
+    return wrapper
 
 
 def resolve_parameter_names(
@@ -182,6 +214,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         return tensor
 
     # ------------------------------------------------------------------ gradients
+    @differentiable_attention
     def per_sample_losses(self, batch: TorchBatch) -> torch.Tensor:
         """ℓ(zᵢ) for every sample: shape (N,)."""
         params, fixed = self._params()
@@ -199,6 +232,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
             )
         )
 
+    @differentiable_attention
     def flat_grads(self, batch: TorchBatch) -> torch.Tensor:
         """(N, P) per-sample gradients."""
         params, fixed = self._params()
@@ -206,6 +240,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         per_sample = vmap(grad(self._sample_loss_fn(fixed)), in_dims=(None, 0, 0))(params, x, y)
         return self._check_finite(self.flatten(per_sample), "gradients")
 
+    @differentiable_attention
     def mixed_grads(self, batch: TorchBatch) -> OrderedDict[str, torch.Tensor]:
         """{name: (N, *x.shape[1:], d_name)} per-sample mixed derivatives ∇_x∇_θ ℓ."""
         params, fixed = self._params()
@@ -234,6 +269,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
             )
         return g.to(device=self.device, dtype=self.dtype)
 
+    @differentiable_attention
     def jacobian_prod(self, batch: TorchBatch, g: torch.Tensor) -> torch.Tensor:
         """(N, K) matrix of ⟨∇_θℓ(zᵢ), g_k⟩ by K forward-mode products over the batch."""
         g = self._check_factor_matrix(g)
@@ -247,6 +283,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
         result = vmap(directional)(self.split(g))
         return self._check_finite(result.T.contiguous(), "Jacobian products")
 
+    @differentiable_attention
     def mixed_jacobian_prod(self, batch: TorchBatch, g: torch.Tensor) -> torch.Tensor:
         """(N, K, *x.shape[1:]) tensor of ∇_x ⟨∇_θℓ(zᵢ), g_k⟩ (reverse over forward mode)."""
         g = self._check_factor_matrix(g)
@@ -268,6 +305,7 @@ class TorchGradientProvider(GradientProvider[TorchBatch, torch.Tensor]):
     def _vector_chunks(self, n_samples: int, n_vectors: int) -> int:
         return max(1, min(n_vectors, MAX_SAMPLE_VECTORS // max(1, n_samples)))
 
+    @differentiable_attention
     def hessian_prod_sum(self, batch: TorchBatch, vectors: torch.Tensor) -> torch.Tensor:
         """(K, P): rows Σᵢ ∇²_θ ℓ(zᵢ) v_k over the batch (a sum, not a mean).
 
