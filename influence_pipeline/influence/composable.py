@@ -4,8 +4,10 @@ A method only says how to build the inverse-curvature operator of one block
 (``_create_block``); this base builds the parameter blocks, validates regularization,
 fits every block, and answers queries. Total influences are sums over blocks, so
 ``influences_from_factors`` contracts the concatenated factors with the concatenated
-per-sample gradients of all blocks in one product (one backward pass per batch, not one
-per block); ``self_influences`` gives ⟨A⁻¹gᵢ, gᵢ⟩ without the N × N matrix.
+per-sample gradients of all blocks in one product, and ``influence_factors`` applies each
+block's operator to its slice of the same per-sample gradients (one forward and backward
+pass per batch for all blocks, not one per block); ``self_influences`` gives ⟨A⁻¹gᵢ, gᵢ⟩
+without the N × N matrix.
 """
 
 from __future__ import annotations
@@ -199,14 +201,36 @@ class TorchComposableInfluence(
             return gp.mixed_jacobian_prod(batch, factors).movedim(1, 0)
         raise UnsupportedInfluenceModeException(mode)
 
+    def _block_grads(self, x: torch.Tensor, y: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
+        """Per-sample gradients of every block, {block: (N, P_block)}, from one forward and
+        backward pass over the batch (not one per block)."""
+        grads = self.full_gradient_provider().flat_grads(self._create_batch(x, y))
+        return self._mapper._split_to_blocks(grads)
+
+    def _apply_blocks(
+        self, block_grads: OrderedDict[str, torch.Tensor]
+    ) -> OrderedDict[str, torch.Tensor]:
+        return OrderedDict(
+            (name, composition.op.apply(block_grads[name]))
+            for name, composition in self._mapper.items()
+        )
+
+    @fit_required
+    def influence_factors_by_block(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> OrderedDict[str, torch.Tensor]:
+        """The factors of each block, (N, P_block): every block's inverse curvature applied
+        to its part of the per-sample gradients, computed in one pass for all blocks."""
+        return self._apply_blocks(self._block_grads(x, y))
+
     @fit_required
     def self_influences(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """⟨A⁻¹∇_θℓ(zᵢ), ∇_θℓ(zᵢ)⟩ for each sample: the diagonal of the symmetric
         influences, shape (N,), without forming the N × N matrix."""
-        batch = self._create_batch(x, y)
-        grads = self.full_gradient_provider().flat_grads(batch)
-        factors = self._influence_factors(x, y)
-        return (factors * grads).sum(dim=1)
+        grads = self._block_grads(x, y)
+        factors = self._apply_blocks(grads)
+        parts = [(factors[name] * grads[name]).sum(dim=1) for name in grads]
+        return torch.stack(parts).sum(dim=0)
 
     def to(self, device: torch.device | str) -> TorchComposableInfluence:
         self.model = self.model.to(device)
