@@ -17,6 +17,7 @@ from .blocks import build_parameter_blocks
 from .cg import CgOperator
 from .composable import TorchComposableInfluence
 from .composition import TorchBlockMapper, TorchOperatorGradientComposition
+from .compressed import LayerQuery, QueryFactors
 from .curvature import CurvatureOperator, GaussNewtonOperator, HessianOperator
 from .direct import DirectSolveOperator
 from .ekfac import (
@@ -28,6 +29,7 @@ from .ekfac import (
 from .gradient_provider import LossType, TorchGradientProvider
 from .ihm import InverseHarmonicMeanOperator
 from .influence_model import ComposableInfluence, InfluenceFunctionModel
+from .kfac_layers import KfacLayer, select_layers
 from .lissa import LissaOperator
 from .low_rank import LowRankOperator, LowRankProductRepresentation
 from .methods import (
@@ -87,6 +89,8 @@ __all__ = [
     "InverseHarmonicMeanInfluence",
     "InverseHarmonicMeanOperator",
     "JacobiPreconditioner",
+    "KfacLayer",
+    "LayerQuery",
     "LissaInfluence",
     "LissaOperator",
     "LossType",
@@ -102,6 +106,7 @@ __all__ = [
     "OperatorBilinearForm",
     "OperatorGradientComposition",
     "Preconditioner",
+    "QueryFactors",
     "SecondOrderMode",
     "TensorDictOperator",
     "TensorOperator",
@@ -118,4 +123,5 @@ __all__ = [
     "operator_spectral_approximation",
     "randomized_nystroem_approximation",
     "restore_influence",
+    "select_layers",
 ]

@@ -25,19 +25,22 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .batch import TorchBatch
 from .blocks import BlockStructure
 from .cg import CgOperator
 from .composable import RegularizationType, TorchComposableInfluence
 from .composition import TorchBlockMapper, TorchOperatorGradientComposition
+from .compressed import LayerQuery, QueryFactors, check_rank
 from .curvature import curvature_operator
 from .direct import DirectSolveOperator
-from .ekfac import EkfacLayerFactors, EkfacOperator, active_linear_layers, fit_ekfac_factors
+from .ekfac import EkfacLayerFactors, EkfacOperator, check_fisher, fit_ekfac_factors
+from .finite import all_finite
 from .gradient_provider import LossType
 from .ihm import InverseHarmonicMeanOperator
 from .influence_model import fit_required
+from .kfac_layers import ModuleSelector, select_layers
 from .lissa import LissaOperator
 from .low_rank import LowRankOperator, LowRankProductRepresentation
+from .per_layer import PerLayerScorer
 from .preconditioner import JacobiPreconditioner, NystroemPreconditioner, Preconditioner
 from .spectral import operator_nystroem_approximation, operator_spectral_approximation
 from .state import JSON, BlockState
@@ -531,17 +534,30 @@ class InverseHarmonicMeanInfluence(TorchComposableInfluence):
 
 
 class EkfacInfluence(TorchComposableInfluence):
-    """EK-FAC for classifiers trained with cross-entropy: one block per Linear layer (named
-    after the module), curvature = the Fisher of the model's predictive distribution
-    (see :mod:`~influence_pipeline.influence.ekfac`).
+    """EK-FAC / K-FAC: one block per supported layer (``torch.nn.Linear`` with any leading
+    dimensions, ``torch.nn.Conv2d``, Hugging Face ``Conv1D``), named after the module; see
+    :mod:`~influence_pipeline.influence.ekfac` for the maths and
+    :mod:`~influence_pipeline.influence.per_layer` for the scoring, which works layer by
+    layer from hooks and never forms a whole per-example gradient (Up mode; Perturbation
+    mode takes the flat gradient path).
 
     Args:
-        model: a classifier producing (N, C) logits; its trainable leaf modules must be
-            Linear layers.
+        model: the model; outputs (B, C), (B, T, V) or an object with ``.logits``; inputs
+            may be integer token tensors. Put it in eval mode (no dropout).
         update_diagonal: refit the eigenvalues in the Kronecker eigenbasis (EK-FAC) instead
             of the K-FAC products Λ_G ⊗ Λ_A (one more pass over the data).
         hessian_regularization: λ ≥ 0 added to every layer's eigenvalues.
         progress: accepted for pyDVL compatibility.
+        fisher: ``"exact"`` (one backward pass per output entry; small outputs only),
+            ``"sampled"`` (``fisher_samples`` labels drawn from the model's predictive
+            distribution, seeded by ``seed``) or ``"empirical"`` (the true labels).
+        loss: the per-example loss ``loss(output, target)`` (summed over positions for a
+            sequence); default cross-entropy. It gives the gradients that are scored and the
+            empirical Fisher; exact and sampled use the softmax of the outputs.
+        modules: the layers that take part: names (a layer, or a container of layers) and/or
+            types; default every supported layer with a trainable weight. Other trainable
+            parameters are left out, logged and listed in ``excluded_parameters``.
+        batch_size: examples per forward/backward pass when scoring.
     """
 
     def __init__(
@@ -550,16 +566,31 @@ class EkfacInfluence(TorchComposableInfluence):
         update_diagonal: bool = False,
         hessian_regularization: float = 0.0,
         progress: bool = False,
+        *,
+        fisher: str = "exact",
+        fisher_samples: int = 1,
+        seed: int | None = None,
+        loss: LossType | None = None,
+        modules: Sequence[ModuleSelector] | None = None,
+        batch_size: int = 32,
     ) -> None:
-        self.loss = F.cross_entropy
+        check_fisher(fisher, fisher_samples)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        self.loss = F.cross_entropy if loss is None else loss
         self.update_diagonal = update_diagonal
         self.hessian_regularization = hessian_regularization
         self.progress = progress
-        layers = active_linear_layers(model)
+        self.fisher = fisher
+        self.fisher_samples = fisher_samples
+        self.seed = seed
+        self.batch_size = batch_size
+        layers, excluded = select_layers(model, modules)
         self.active_layers = layers
+        #: Trainable parameters outside the factored layers (not part of the influence).
+        self.excluded_parameters = excluded
         block_structure = OrderedDict(
-            (name, [f"{name}.{n}" for n, _ in module.named_parameters()])
-            for name, module in layers.items()
+            (name, layer.parameter_names) for name, layer in layers.items()
         )
         super().__init__(model, block_structure, hessian_regularization)
 
@@ -567,13 +598,27 @@ class EkfacInfluence(TorchComposableInfluence):
     def is_thread_safe(self) -> bool:
         return False
 
+    @property
+    def modules(self) -> list[str]:
+        """Names of the factored layers."""
+        return list(self.active_layers)
+
     def _create_block(
         self, block_params: list[str], data: Iterable[Any], regularization: float | None
     ) -> TorchOperatorGradientComposition[Any]:  # pragma: no cover - fitted jointly
         raise NotImplementedError("EK-FAC fits all layers in one pass; see _create_block_mapper.")
 
     def _create_block_mapper(self, data: Iterable[Any]) -> TorchBlockMapper:
-        factors = fit_ekfac_factors(self.model, data, update_diagonal=self.update_diagonal)
+        factors = fit_ekfac_factors(
+            self.model,
+            data,
+            self.update_diagonal,
+            layers=self.active_layers,
+            fisher=self.fisher,
+            fisher_samples=self.fisher_samples,
+            seed=self.seed,
+            loss=self.loss,
+        )
         return self._mapper_from_factors(factors)
 
     def _mapper_from_factors(self, factors: Mapping[str, EkfacLayerFactors]) -> TorchBlockMapper:
@@ -588,13 +633,18 @@ class EkfacInfluence(TorchComposableInfluence):
             "update_diagonal": self.update_diagonal,
             "hessian_regularization": self.hessian_regularization,
             "progress": self.progress,
+            "fisher": self.fisher,
+            "fisher_samples": self.fisher_samples,
+            "seed": self.seed,
+            "modules": self.modules,
+            "batch_size": self.batch_size,
         }
 
     @classmethod
     def _from_config(
         cls, model: torch.nn.Module, loss: LossType, config: Mapping[str, JSON]
     ) -> TorchComposableInfluence:
-        return cls(model, **config)
+        return cls(model, loss=loss, **config)
 
     def _block_state(
         self, composition: TorchOperatorGradientComposition[Any]
@@ -604,6 +654,8 @@ class EkfacInfluence(TorchComposableInfluence):
             "in_features": f.in_features,
             "out_features": f.out_features,
             "has_bias": f.has_bias,
+            "kind": f.kind,
+            "groups": f.groups,
         }
         return attrs, {"evecs_a": f.evecs_a, "evecs_g": f.evecs_g, "diag": f.diag}
 
@@ -618,9 +670,133 @@ class EkfacInfluence(TorchComposableInfluence):
             block.tensors["evecs_a"],
             block.tensors["evecs_g"],
             block.tensors["diag"],
+            str(block.attrs.get("kind", "linear")),
+            int(block.attrs.get("groups", 1)),
         )
         op = EkfacOperator(factors, block.attrs["regularization"])
         return TorchOperatorGradientComposition(op, self._gradient_provider(block.parameters))
+
+    # ------------------------------------------------------------------ per-layer queries
+    def _scorer(self) -> PerLayerScorer:
+        factors = {name: comp.op.factors for name, comp in self._mapper.items()}  # type: ignore[attr-defined]
+        regularization = {name: comp.op.regularization for name, comp in self._mapper.items()}  # type: ignore[attr-defined]
+        return PerLayerScorer(
+            self.model, self.active_layers, factors, regularization, self.loss, self.batch_size
+        )
+
+    def _flat_to_queries(self, factors: torch.Tensor) -> QueryFactors:
+        if not isinstance(factors, torch.Tensor):
+            raise TypeError(
+                "Influence factors must be a torch.Tensor (N, P) or the QueryFactors of "
+                f"compressed_factors(), got {type(factors).__name__}."
+            )
+        if factors.ndim == 1:
+            factors = factors.unsqueeze(0)
+        if factors.ndim != 2 or factors.shape[1] != self.n_parameters:
+            raise ValueError(
+                f"Influence factors must have shape (N, {self.n_parameters}), got "
+                f"{tuple(factors.shape)}."
+            )
+        if not all_finite(factors):
+            raise ValueError("Influence factors contain NaN or inf.")
+        factors = factors.to(device=self.model_device, dtype=self.model_dtype)
+        split = torch.split(factors, list(self.block_sizes.values()), dim=1)
+        return QueryFactors(
+            OrderedDict(
+                (name, LayerQuery(dense=layer.flat_to_matrix(part)))
+                for (name, layer), part in zip(self.active_layers.items(), split, strict=True)
+            )
+        )
+
+    @fit_required
+    def compressed_factors(
+        self, x: torch.Tensor, y: torch.Tensor, rank: int | None = None
+    ) -> QueryFactors:
+        """Per-layer query factors of (x, y): the preconditioned gradient matrices, truncated
+        to ``rank`` (``None``: exact; a layer whose smaller side is ≤ rank stays exact).
+        Score them with :meth:`influences_from_factors`."""
+        return self._scorer().query_factors(x, y, check_rank(rank))
+
+    @fit_required
+    def influence_factors_by_block(
+        self, x: torch.Tensor, y: torch.Tensor
+    ) -> OrderedDict[str, torch.Tensor]:
+        matrices = self._scorer().preconditioned(x, y)
+        return OrderedDict(
+            (name, self.active_layers[name].matrix_to_flat(m)) for name, m in matrices.items()
+        )
+
+    def _influences(
+        self,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        x: torch.Tensor | None,
+        y: torch.Tensor | None,
+        mode: InfluenceMode,
+    ) -> torch.Tensor:
+        if mode is not InfluenceMode.Up:
+            return super()._influences(x_test, y_test, x, y, mode)
+        return _sum_layers(self.influences_by_block(x_test, y_test, x, y, mode))
+
+    @fit_required
+    def influences_by_block(
+        self,
+        x_test: torch.Tensor,
+        y_test: torch.Tensor,
+        x: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> OrderedDict[str, torch.Tensor]:
+        """Influences of each layer (their sum is :meth:`influences`)."""
+        if mode is not InfluenceMode.Up:
+            return super().influences_by_block(x_test, y_test, x, y, mode)
+        if (x is None) != (y is None):
+            raise ValueError("Pass both x and y, or neither.")
+        scorer = self._scorer()
+        queries = scorer.query_factors(x_test, y_test, None)
+        if x is None or y is None:
+            x, y = x_test, y_test
+        return scorer.scores(queries, x, y)
+
+    @fit_required
+    def influences_from_factors(
+        self,
+        z_test_factors: torch.Tensor | QueryFactors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> torch.Tensor:
+        """Scores of (x, y) against flat factors (N_test, P) or the per-layer (compressed)
+        factors of :meth:`compressed_factors`, without expanding them."""
+        if mode is not InfluenceMode.Up:
+            if isinstance(z_test_factors, QueryFactors):
+                raise ValueError("Perturbation influences need flat (N, P) factors.")
+            return super().influences_from_factors(z_test_factors, x, y, mode)
+        return _sum_layers(self.influences_from_factors_by_block(z_test_factors, x, y, mode))
+
+    @fit_required
+    def influences_from_factors_by_block(
+        self,
+        z_test_factors: torch.Tensor | OrderedDict[str, torch.Tensor] | QueryFactors,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mode: InfluenceMode = InfluenceMode.Up,
+    ) -> OrderedDict[str, torch.Tensor]:
+        if mode is not InfluenceMode.Up or isinstance(z_test_factors, Mapping):
+            if isinstance(z_test_factors, QueryFactors):
+                raise ValueError("Perturbation influences need flat (N, P) factors.")
+            return super().influences_from_factors_by_block(z_test_factors, x, y, mode)
+        queries = (
+            z_test_factors
+            if isinstance(z_test_factors, QueryFactors)
+            else self._flat_to_queries(z_test_factors)
+        )
+        return self._scorer().scores(queries, x, y)
+
+    @fit_required
+    def self_influences(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """⟨(EK-FAC + λ)⁻¹∇ℓ(zᵢ), ∇ℓ(zᵢ)⟩ for each sample, (N,), layer by layer."""
+        return _sum_layers(self._scorer().self_scores(x, y))
 
     # pyDVL's layer-named spellings of the block-wise queries
     def influences_by_layer(
@@ -640,7 +816,7 @@ class EkfacInfluence(TorchComposableInfluence):
 
     def influences_from_factors_by_layer(
         self,
-        z_test_factors: torch.Tensor | OrderedDict[str, torch.Tensor],
+        z_test_factors: torch.Tensor | OrderedDict[str, torch.Tensor] | QueryFactors,
         x: torch.Tensor,
         y: torch.Tensor,
         mode: InfluenceMode = InfluenceMode.Up,
@@ -652,16 +828,24 @@ class EkfacInfluence(TorchComposableInfluence):
         self, x: torch.Tensor, y: torch.Tensor, regularization_values: Sequence[float]
     ) -> dict[float, dict[str, torch.Tensor]]:
         """Symmetric per-layer influences of (x, y) for several λ, from one gradient pass."""
-        batch = TorchBatch(x, y)
+        scorer = self._scorer()
+        grads = scorer.gradients(x, y)
         result: dict[float, dict[str, torch.Tensor]] = {}
-        grads = {name: comp.gp.flat_grads(batch) for name, comp in self._mapper.items()}
         for value in regularization_values:
             per_layer = {}
-            for name, comp in self._mapper.items():
-                op = EkfacOperator(comp.op.factors, value)  # type: ignore[attr-defined]
-                per_layer[name] = op.apply(grads[name]) @ grads[name].T
+            for name, d in grads.items():
+                m = scorer.factors[name].precondition(d, value)
+                per_layer[name] = m.flatten(1) @ d.flatten(1).T
             result[float(value)] = per_layer
         return result
+
+
+def _sum_layers(per_layer: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    values = iter(per_layer.values())
+    total = next(values).clone()
+    for value in values:
+        total += value
+    return total
 
 
 def _preconditioner_from_config(config: JSON) -> Preconditioner | None:

@@ -102,7 +102,7 @@ def test_corrected_eigenvalues_are_the_fisher_diagonal_in_the_kronecker_basis(bi
     for name, f in factors.items():
         fisher = exact_fisher(net, x, f.parameter_names)
         fisher_v = to_v_layout(fisher, f.out_features, f.in_features, f.has_bias)
-        Q = torch.kron(f.evecs_g, f.evecs_a)
+        Q = torch.kron(f.evecs_g[0], f.evecs_a[0])  # one group
         expected = torch.diagonal(Q.T @ fisher_v @ Q).reshape(f.diag.shape)
         assert rel_error(f.diag, expected) < 1e-10, name
 
@@ -126,7 +126,7 @@ def test_kfac_factors_are_the_kronecker_product_of_second_moments():
     for name, (G, inputs) in expected.items():
         f = factors[name]
         A = inputs.T @ inputs / 20
-        Q = torch.kron(f.evecs_g, f.evecs_a)
+        Q = torch.kron(f.evecs_g[0], f.evecs_a[0])  # one group
         assert rel_error(Q @ torch.diag(f.diag.reshape(-1)) @ Q.T, torch.kron(G, A)) < 1e-10, name
 
 
@@ -140,14 +140,17 @@ def test_ekfac_leaves_model_untouched():
     assert all(not m._forward_hooks for m in net.modules())
 
 
-def test_ekfac_rejects_unsupported_layers():
+def test_ekfac_leaves_out_unsupported_layers_and_refuses_a_model_without_any():
     net = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    with pytest.raises(NotImplementedLayerRepresentationException, match="Conv1d"):
-        EkfacInfluence(net)
+    influence = EkfacInfluence(net)
+    assert influence.modules == ["2"]
+    assert influence.excluded_parameters == ["0.weight", "0.bias"]
+    only_conv1d = torch.nn.Sequential(torch.nn.Conv1d(1, 2, 3), torch.nn.Flatten())
+    with pytest.raises(NotImplementedLayerRepresentationException, match=r"0 \(Conv1d\)"):
+        EkfacInfluence(only_conv1d)
     partly = classifier()
-    partly[0].bias.requires_grad_(False)
-    with pytest.raises(ValueError, match="both trainable and frozen"):
-        EkfacInfluence(partly)
+    partly[0].bias.requires_grad_(False)  # a frozen bias: the layer is factored without it
+    assert EkfacInfluence(partly).parameter_names == ["0.weight"]
 
 
 def test_ekfac_needs_regularization_for_singular_factors():
