@@ -10,13 +10,21 @@ Everything ships inside installed packages (no download):
 * an MLP 64 → 32 → 10 (tanh), 2,410 parameters, trained full-batch with Adam and weight
   decay in a few seconds on a CPU; the checkpoint (a plain state dict, loaded with
   ``weights_only=True``) is cached under a directory keyed by the training settings.
+
+Nothing happens when the workload is built (importing ``influence_pipeline.definitions``
+trains nothing and writes nothing): the shard and test files are written on first use,
+once, and the model is trained on first use of its checkpoint. Once written, the example's
+files belong to the user: a deleted or rewritten shard file is never restored.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +33,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..workload import DirectoryShards
+
 N_FEATURES = 64
 N_CLASSES = 10
+TEST_SETS = ("validation", "holdout")
 
 
 @dataclass(frozen=True)
@@ -63,10 +74,9 @@ def load_digits_data(seed: int = 0, flip_fraction: float = 0.03, n_test: int = 2
         y_train_clean=y_train_clean,
         flipped=flipped,
         train_ids=train,
-        test_sets={
-            "validation": (x[val], y[val], val),
-            "holdout": (x[hold], y[hold], hold),
-        },
+        test_sets=dict(
+            zip(TEST_SETS, ((x[val], y[val], val), (x[hold], y[hold], hold)), strict=True)
+        ),
     )
 
 
@@ -155,33 +165,62 @@ def write_digits_files(
     seed: int = 0,
     flip_fraction: float = 0.03,
 ) -> DigitsData:
-    """Write the example as tensor files: ``train/shard-<i>.pt`` and ``test/<name>.pt``.
+    """Write the example as tensor files, ``train/shard-<i>.pt`` and ``test/<name>.pt``, once.
 
     Training ids are indices into sklearn's digits, so results can be joined back to the
-    images. Files are rewritten only when missing (a user may replace or add shards).
+    images. The files are written only when ``<data_dir>/train`` does not exist yet (into a
+    temporary folder, then renamed, so a concurrent or killed writer leaves no half set);
+    afterwards the files are the user's: deleted, replaced or added shards stay as they are.
     """
     from ..workload import ShardData, save_tensor_file
 
     data = load_digits_data(seed=seed, flip_fraction=flip_fraction, n_test=n_test)
     root = Path(data_dir)
-    for i, rows in enumerate(np.array_split(np.arange(len(data.y_train)), n_shards)):
-        path = root / "train" / f"shard-{i}.pt"
-        if not path.exists():
+    if (root / "train").exists():
+        return data
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
+    try:
+        for i, rows in enumerate(np.array_split(np.arange(len(data.y_train)), n_shards)):
             save_tensor_file(
-                path,
+                staging / "train" / f"shard-{i}.pt",
                 ShardData(
                     torch.from_numpy(data.x_train[rows]),
                     torch.from_numpy(data.y_train[rows]),
                     torch.from_numpy(data.train_ids[rows]),
                 ),
             )
-    for name, (x, y, ids) in data.test_sets.items():
-        path = root / "test" / f"{name}.pt"
-        if not path.exists():
+        for name, (x, y, ids) in data.test_sets.items():
             save_tensor_file(
-                path, ShardData(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids))
+                staging / "test" / f"{name}.pt",
+                ShardData(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)),
             )
+        for part in ("test", "train"):  # train last: its existence marks a complete set
+            try:
+                os.rename(staging / part, root / part)
+            except OSError:
+                if not (root / part).exists():
+                    raise
+                # another process wrote the example first: keep its files
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return data
+
+
+class ExampleShards(DirectoryShards):
+    """:class:`DirectoryShards` whose files are written by ``prepare()`` on first use."""
+
+    def __init__(self, directory: str | os.PathLike[str], prepare: Callable[[], Any]) -> None:
+        super().__init__(directory)
+        self._prepare = prepare
+
+    def names(self) -> list[str]:
+        self._prepare()
+        return super().names()
+
+    def path(self, name: str) -> Path:
+        self._prepare()
+        return super().path(name)
 
 
 def digits_workload(
@@ -195,31 +234,37 @@ def digits_workload(
 ) -> Any:
     """The bundled workload: digits, the cached MLP, ``n_shards`` training shard files and
     the test sets ``validation`` and ``holdout`` (``n_test`` points each)."""
-    from ..workload import DirectoryShards, MethodSpec, Workload, load_tensor_file
+    from ..workload import MethodSpec, Workload, load_tensor_file
 
     directory = (
         Path(data_dir)
         if data_dir is not None
         else default_cache_dir() / f"digits-data-{n_shards}-{n_test}"
     )
-    data = write_digits_files(directory, n_shards=n_shards, n_test=n_test)
-    flipped_ids = data.train_ids[data.flipped].tolist()
+
+    @functools.cache
+    def data() -> DigitsData:  # first use writes the files (once per data directory)
+        return write_digits_files(directory, n_shards=n_shards, n_test=n_test)
 
     def test_loader(name: str) -> Callable[[], Any]:
-        return lambda: load_tensor_file(directory / "test" / f"{name}.pt")
+        def load() -> Any:
+            data()
+            return load_tensor_file(directory / "test" / f"{name}.pt")
+
+        return load
 
     return Workload(
         name="digits",
         model_factory=make_model,
         checkpoint=lambda: cached_checkpoint(cache_dir, n_test=n_test),
         loss=torch.nn.functional.cross_entropy,
-        shards=DirectoryShards(directory / "train"),
-        test_sets={name: test_loader(name) for name in data.test_sets},
+        shards=ExampleShards(directory / "train", data),
+        test_sets={name: test_loader(name) for name in TEST_SETS},
         method=method or MethodSpec(method="direct", regularization=1e-2),
         fit_shards=[f"shard-{i}" for i in range(n_shards)],
         batch_size=256,
         store=store,
-        known_mislabeled=lambda: flipped_ids,
+        known_mislabeled=lambda: data().train_ids[data().flipped].tolist(),
         description=(
             "scikit-learn's 8x8 digits, an MLP 64-32-10, 3 % of the training labels flipped "
             "on purpose (the audit should find them)."
