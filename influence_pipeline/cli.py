@@ -46,8 +46,9 @@ def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[
 
 def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, test_sets: list[str]) -> Any:
     """Materialize every asset partition in dependency order; returns the audit result."""
+    from .defs import JOB_OF
+
     shards = register_shards(defs, instance)
-    assets: Any = list(defs.assets or [])
     run_config = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     steps: list[tuple[str, str | dg.MultiPartitionKey | None]] = [("block_mapper", None)]
     steps += [("influence_factors", t) for t in test_sets]
@@ -64,13 +65,11 @@ def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, test_sets: 
         label = key if partition is None else f"{key}[{partition}]"
         print(f"[{i:2d}/{len(steps)}] {label:48s}", end="", flush=True)
         start = time.perf_counter()
-        result = dg.materialize(
-            assets,
-            selection=[key],
-            partition_key=str(partition) if partition is not None else None,
-            instance=instance,
-            resources=defs.resources,
+        result = defs.resolve_job_def(JOB_OF[key]).execute_in_process(
             run_config=run_config,
+            instance=instance,
+            partition_key=str(partition) if partition is not None else None,
+            asset_selection=[dg.AssetKey(key)],
             tags=tags,
             raise_on_error=False,
         )

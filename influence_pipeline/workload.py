@@ -19,6 +19,7 @@ A :class:`Workload` is plain Python (callables, paths), handed to
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import json
 import os
@@ -183,15 +184,71 @@ def save_tensor_file(path: str | os.PathLike[str], data: ShardData) -> None:
     os.replace(tmp, path)
 
 
-METHODS: dict[str, type[TorchComposableInfluence]] = {
-    "direct": DirectInfluence,
-    "cg": CgInfluence,
-    "lissa": LissaInfluence,
-    "arnoldi": ArnoldiInfluence,
-    "ekfac": EkfacInfluence,
-    "nystroem": NystroemSketchInfluence,
-    "ihm": InverseHarmonicMeanInfluence,
+class Method(enum.Enum):
+    """The influence methods by name (the Launchpad's and the CLI's choices; member names
+    equal their values, since Dagster's config shows and parses enum members by name)."""
+
+    direct = "direct"
+    cg = "cg"
+    lissa = "lissa"
+    arnoldi = "arnoldi"
+    ekfac = "ekfac"
+    nystroem = "nystroem"
+    ihm = "ihm"
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    """One row of :data:`METHOD_TABLE`: the class and how the pipeline builds and restores it."""
+
+    cls: type[TorchComposableInfluence]
+    #: the operator streams the fit data whenever it is applied (restores need the loader)
+    streams_fit_data: bool = False
+    #: the constructor takes ``rank``
+    ranked: bool = False
+    #: the constructor takes ``second_order_mode``
+    second_order_mode: bool = True
+
+
+#: The one table of influence methods: name → class, construction and restore needs.
+METHOD_TABLE: dict[Method, MethodInfo] = {
+    Method.direct: MethodInfo(DirectInfluence),
+    Method.cg: MethodInfo(CgInfluence, streams_fit_data=True),
+    Method.lissa: MethodInfo(LissaInfluence, streams_fit_data=True),
+    Method.arnoldi: MethodInfo(ArnoldiInfluence, ranked=True),
+    Method.ekfac: MethodInfo(EkfacInfluence, second_order_mode=False),
+    Method.nystroem: MethodInfo(NystroemSketchInfluence, ranked=True),
+    Method.ihm: MethodInfo(
+        InverseHarmonicMeanInfluence, streams_fit_data=True, second_order_mode=False
+    ),
 }
+
+#: name → class (a view of :data:`METHOD_TABLE`).
+METHODS: Mapping[str, type[TorchComposableInfluence]] = {
+    method.value: info.cls for method, info in METHOD_TABLE.items()
+}
+
+
+def method_of_class(class_name: str) -> MethodInfo:
+    """The table row of a method class name (as recorded in a fitted state's provenance)."""
+    for info in METHOD_TABLE.values():
+        if info.cls.__name__ == class_name:
+            return info
+    raise ValueError(
+        f"Unknown influence method class {class_name!r}; known: "
+        f"{sorted(i.cls.__name__ for i in METHOD_TABLE.values())}."
+    )
+
+
+def parse_choice(kind: type[enum.Enum], value: Any, argument: str) -> Any:
+    """``value`` as a member of the enum ``kind`` (by member or value), or a one-line error
+    naming ``argument``, the value and the choices."""
+    if isinstance(value, kind):
+        return value
+    for member in kind:
+        if value == member.value:
+            return member
+    raise ValueError(f"{argument}={value!r} is not one of {', '.join(str(m.value) for m in kind)}.")
 
 
 @dataclass(frozen=True)
@@ -200,6 +257,8 @@ class MethodSpec:
 
     ``options`` holds further constructor arguments of the method (e.g. ``rtol`` and
     ``maxiter`` for CG, ``update_diagonal`` for EK-FAC, ``seed`` for the randomised ones).
+    ``method``, ``block_structure`` and ``second_order_mode`` take the enum or its value;
+    a bad value, a negative regularization or a rank below 1 is refused here.
     """
 
     method: str = "direct"
@@ -210,10 +269,21 @@ class MethodSpec:
     options: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"Unknown method {self.method!r}; choose one of {sorted(METHODS)}.")
-        BlockMode(self.block_structure)
-        SecondOrderMode(self.second_order_mode)
+        # normalise enums to their values (the JSON form and the digest use plain strings)
+        for name, kind in (
+            ("method", Method),
+            ("block_structure", BlockMode),
+            ("second_order_mode", SecondOrderMode),
+        ):
+            object.__setattr__(self, name, parse_choice(kind, getattr(self, name), name).value)
+        if self.regularization is not None and not self.regularization >= 0:
+            raise ValueError(f"regularization must be >= 0 or None, got {self.regularization!r}.")
+        if self.rank < 1:
+            raise ValueError(f"rank must be >= 1, got {self.rank!r}.")
+
+    @property
+    def info(self) -> MethodInfo:
+        return METHOD_TABLE[Method(self.method)]
 
     def to_json(self) -> dict[str, Any]:
         return {**asdict(self), "options": dict(self.options)}
@@ -224,9 +294,9 @@ class MethodSpec:
 
     def build(self, model: torch.nn.Module, loss: LossType) -> TorchComposableInfluence:
         """The (unfitted) influence model this spec describes."""
-        cls = METHODS[self.method]
+        info = self.info
         options = dict(self.options)
-        if cls is EkfacInfluence:
+        if info.cls is EkfacInfluence:
             return EkfacInfluence(
                 model,
                 update_diagonal=bool(options.pop("update_diagonal", True)),
@@ -234,11 +304,11 @@ class MethodSpec:
                 **options,
             )
         kwargs: dict[str, Any] = {"regularization": self.regularization, **options}
-        if cls is not InverseHarmonicMeanInfluence:
+        if info.second_order_mode:
             kwargs["second_order_mode"] = SecondOrderMode(self.second_order_mode)
-        if cls in (ArnoldiInfluence, NystroemSketchInfluence):
+        if info.ranked:
             kwargs["rank"] = self.rank
-        constructor: Any = cls  # each method has its own keyword arguments
+        constructor: Any = info.cls  # each method has its own keyword arguments
         return constructor(model, loss, block_structure=BlockMode(self.block_structure), **kwargs)
 
 

@@ -2,35 +2,44 @@
 
 The graph (see ``assets.py``): training_shards → block_mapper → influence_factors[test_set]
 → influence_scores[test_set|train_shard] → influence_table[test_set] → data_audit, with
-in-asset blocking checks, whole-store checks, a training-shard sensor, declarative
-automation and a nightly schedule (``automation.py``). Runs execute in process: a
-partitioned run here is one step, and a step subprocess of the multiprocess executor costs
-about 6 s of imports (torch, dagster) per run for no parallelism; runs still run side by
-side, each in its own process, under the run queue. The scoring step is in pool ``gpu``
-(limit 1 in ``dagster_home/dagster.yaml``; the in-process executor honours pools too).
+in-asset blocking checks, whole-store checks, the named main job (``jobs.py``), a
+training-shard sensor and declarative automation with a nightly pass (``automation.py``).
+Runs execute in process: a partitioned run here is one step, and a step subprocess of the
+multiprocess executor costs about 6 s of imports (torch, dagster) per run for no
+parallelism; runs still run side by side, each in its own process, under the run queue.
+When a GPU is configured (``gpu=True``, default: torch sees one) the scoring step is in
+pool ``gpu`` (limit 1 in ``dagster_home/dagster.yaml``); without one it is in no pool, so
+scoring runs go side by side.
 """
 
 import dagster as dg
 
 from ..workload import Workload
-from .assets import CODE_VERSIONS, automation_condition, build_assets
-from .automation import NIGHTLY, build_nightly_schedules, build_shard_sensor, stale_frontier
+from .assets import CODE_VERSIONS, build_assets
+from .automation import NIGHTLY_CRON, automation_condition, build_shard_sensor
 from .checks import build_checks
+from .jobs import JOB_OF, MAIN_JOB, MAIN_JOBS, build_main_jobs
 from .resources import InfluenceStoreResource
 
 SHARD_PARTITIONS = "train_shards"
 
 
-def build_definitions(workload: Workload, store: str | None = None) -> dg.Definitions:
-    """All definitions for ``workload``; ``store`` overrides the workload's store root."""
+def build_definitions(
+    workload: Workload, store: str | None = None, gpu: bool | None = None
+) -> dg.Definitions:
+    """All definitions for ``workload``; ``store`` overrides the workload's store root;
+    ``gpu`` puts the scoring step in pool ``gpu`` (default: when torch sees a CUDA device)."""
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
     test_sets_def = dg.StaticPartitionsDefinition(list(workload.test_sets))
     shards_def = dg.DynamicPartitionsDefinition(name=SHARD_PARTITIONS)
     scores_def = dg.MultiPartitionsDefinition(
         {"test_set": test_sets_def, "train_shard": shards_def}
     )
-    assets = build_assets(workload, test_sets_def, shards_def, scores_def)
+    assets = build_assets(workload, test_sets_def, shards_def, scores_def, gpu=gpu)
     checks = build_checks(workload, SHARD_PARTITIONS)
-    check_keys = [key for check in checks for key in check.check_keys]
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,
@@ -43,7 +52,7 @@ def build_definitions(workload: Workload, store: str | None = None) -> dg.Defini
                 minimum_interval_seconds=30,
             ),
         ],
-        schedules=build_nightly_schedules(workload, shards_def, check_keys),
+        jobs=build_main_jobs(),
         resources={"store": InfluenceStoreResource(root=store or workload.store)},
         executor=dg.in_process_executor,
     )
@@ -51,10 +60,12 @@ def build_definitions(workload: Workload, store: str | None = None) -> dg.Defini
 
 __all__ = [
     "CODE_VERSIONS",
-    "NIGHTLY",
+    "JOB_OF",
+    "MAIN_JOB",
+    "MAIN_JOBS",
+    "NIGHTLY_CRON",
     "SHARD_PARTITIONS",
     "InfluenceStoreResource",
     "automation_condition",
     "build_definitions",
-    "stale_frontier",
 ]

@@ -32,6 +32,7 @@ from ..influence import TorchBatch
 from ..store import Provenance, ShardSpec
 from ..store.provenance import model_fingerprint
 from ..workload import Workload
+from .automation import automation_condition
 from .config import AuditConfig, FactorsConfig, ScoringConfig, TableConfig, method_config_class
 from .resources import InfluenceStoreResource
 from .runtime import (
@@ -54,23 +55,6 @@ CODE_VERSIONS = {
 GROUP = "influence"
 
 
-def automation_condition() -> dg.AutomationCondition:
-    """Request a partition when it is missing, its code version changed, or an upstream
-    partition's data version changed — not when an upstream re-ran with the same data."""
-    AC: Any = dg.AutomationCondition  # (its generic typing does not compose under mypy)
-    trigger = (
-        AC.missing() | AC.code_version_changed() | AC.any_deps_match(AC.data_version_changed())
-    )
-    return (
-        AC.in_latest_time_window()
-        & trigger.since_last_handled()
-        & ~AC.any_deps_missing()
-        & AC.all_deps_blocking_checks_passed()
-        & ~AC.any_deps_in_progress()
-        & ~AC.in_progress()
-    ).with_label("missing, code changed or upstream data changed")
-
-
 def _schema(frame: pd.DataFrame) -> dg.TableSchema:
     return dg.TableSchema(columns=[dg.TableColumn(str(c), str(t)) for c, t in frame.dtypes.items()])
 
@@ -86,8 +70,10 @@ def build_assets(
     test_sets_def: dg.StaticPartitionsDefinition,
     shards_def: dg.DynamicPartitionsDefinition,
     scores_def: dg.MultiPartitionsDefinition,
+    gpu: bool = False,
 ) -> list[Any]:
-    """The source asset, the five assets and their in-asset checks for ``workload``."""
+    """The source asset, the five assets and their in-asset checks for ``workload``; with
+    ``gpu`` the scoring step is in pool ``gpu`` (one at a time on the accelerator)."""
     MethodConfig = method_config_class(workload.method)
     condition = automation_condition()
     shards_name = str(shards_def.name)
@@ -217,7 +203,7 @@ def build_assets(
             record is not None
             and record.get("block_mapper_digest") == info["digest"]
             and record.get("data_fingerprint") == test_fp
-            and record.get("dtype") == config.dtype
+            and record.get("dtype") == config.dtype.value
         )
         device = resolve_device(config.device)
         if not reused:
@@ -226,7 +212,7 @@ def build_assets(
                 test_set,
                 influence,
                 data.loader(config.batch_size),
-                dtype=config.dtype,
+                dtype=config.dtype.value,
                 n_rows=len(data),
                 annotations={"block_mapper_digest": info["digest"]},
             )
@@ -294,7 +280,7 @@ def build_assets(
         ],
         code_version=CODE_VERSIONS["influence_scores"],
         automation_condition=condition,
-        pool="gpu",
+        pool="gpu" if gpu else None,
         retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
         kinds={"pytorch", "zarr"},
         check_specs=[

@@ -1,6 +1,6 @@
-"""Asset checks over the whole store, attached to ``data_audit`` (whose inputs they vouch for)
-and run by the nightly schedule; the per-partition checks live inside the assets as blocking
-check specs."""
+"""Asset checks over the whole store, attached to ``data_audit`` (whose inputs they vouch for),
+run by the main job after the audit and by automation once a night; the per-partition
+checks live inside the assets as blocking check specs."""
 
 import math
 from typing import Any
@@ -9,6 +9,7 @@ import dagster as dg
 
 from ..store import Provenance
 from ..workload import Workload
+from .automation import nightly_check_condition
 from .resources import InfluenceStoreResource
 
 
@@ -16,6 +17,7 @@ def build_checks(workload: Workload, shards_name: str) -> list[Any]:
     @dg.asset_check(
         asset="data_audit",
         name="stored_scores_finite",
+        automation_condition=nightly_check_condition(),
         description="every complete shard of every test set has finite scores",
     )
     def stored_scores_finite(store: InfluenceStoreResource) -> dg.AssetCheckResult:
@@ -36,6 +38,7 @@ def build_checks(workload: Workload, shards_name: str) -> list[Any]:
     @dg.asset_check(
         asset="data_audit",
         name="factors_provenance",
+        automation_condition=nightly_check_condition(),
         description="every test set's factors come from the current block mapper",
     )
     def factors_provenance(store: InfluenceStoreResource) -> dg.AssetCheckResult:
@@ -62,6 +65,7 @@ def build_checks(workload: Workload, shards_name: str) -> list[Any]:
     @dg.asset_check(
         asset="data_audit",
         name="every_shard_scored",
+        automation_condition=nightly_check_condition(),
         description="every registered training shard is scored for every test set",
     )
     def every_shard_scored(

@@ -11,14 +11,12 @@ import torch
 
 from ..store import InfluenceStore
 from ..store.provenance import DataHasher
-from ..workload import ShardData, Workload
-
-#: Methods that stream the fit data whenever their operator is applied.
-STREAMING_METHODS = {"CgInfluence", "LissaInfluence", "InverseHarmonicMeanInfluence"}
+from ..workload import ShardData, Workload, method_of_class
 
 
-def resolve_device(requested: str) -> torch.device:
-    """``auto`` is CUDA when torch sees a GPU, else the CPU."""
+def resolve_device(requested: Any) -> torch.device:
+    """``auto`` is CUDA when torch sees a GPU, else the CPU (a string or a config enum)."""
+    requested = str(getattr(requested, "value", requested))
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(requested)
@@ -51,7 +49,7 @@ def restore(
         raise ValueError(f"{store!r} has no fitted block mapper: materialize block_mapper first.")
     model = workload.load_model(device)
     data = None
-    if info["provenance"]["method"] in STREAMING_METHODS:
+    if method_of_class(info["provenance"]["method"]).streams_fit_data:
         data = workload.fit_data().fit_loader(batch_size)
     return store.load_block_mapper(model, workload.loss, data=data)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import warnings
 from dataclasses import dataclass
@@ -106,6 +107,24 @@ def settle(s: Setup, cursor=None):
     """Evaluate automation until a tick requests nothing new; returns the last result."""
     result = dg.evaluate_automation_conditions(defs=s.defs, instance=s.instance, cursor=cursor)
     return dg.evaluate_automation_conditions(defs=s.defs, instance=s.instance, cursor=result.cursor)
+
+
+#: What the nightly pass requests when everything is current: the whole-store checks.
+STORE_CHECKS = {
+    f"data_audit:{name}": [""]
+    for name in ("every_shard_scored", "factors_provenance", "stored_scores_finite")
+}
+
+
+def nightly(s: Setup, cursor):
+    """Evaluate automation at the first minute after the next 02:00 UTC (the nightly tick)."""
+    now = datetime.datetime.now(datetime.UTC)
+    tick = now.replace(hour=2, minute=1, second=0, microsecond=0)
+    if tick <= now:
+        tick += datetime.timedelta(days=1)
+    return dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=cursor, evaluation_time=tick
+    )
 
 
 def env_home(path: Path) -> dict[str, str]:

@@ -1,18 +1,17 @@
 """Re-materialization on change: one changed shard re-scores exactly that shard, a new
 regularization makes everything downstream stale, nothing changed requests nothing; the
-sensor registers new shards; the nightly schedule selects only stale or missing partitions."""
+sensor registers new shards; the nightly pass runs the whole-store checks and nothing else
+when everything is current."""
 
 from __future__ import annotations
 
-import datetime
-
 import dagster as dg
 
-from influence_pipeline.defs import NIGHTLY, build_definitions, stale_frontier
+from influence_pipeline.defs import build_definitions
 from influence_pipeline.store import InfluenceStore
 from influence_pipeline.workload import MethodSpec, ShardData, load_tensor_file, save_tensor_file
 
-from .conftest import N_SHARDS, requested, settle
+from .conftest import N_SHARDS, STORE_CHECKS, nightly, requested, settle
 
 
 def shard_file(s, name):
@@ -27,31 +26,13 @@ def change_shard(s, name):
     save_tensor_file(shard_file(s, name), ShardData(data.x, y, data.ids))
 
 
-def evaluate_schedule(s):
-    """The run requests of the three nightly schedules at one tick."""
-    requests = []
-    for name in NIGHTLY:
-        schedule = s.defs.resolve_schedule_def(name)
-        # used as a context manager: the context sets Dagster's current defs-state storage
-        # and only restores it on exit (left open, later calls find a dead instance)
-        with dg.build_schedule_context(
-            instance=s.instance,
-            repository_def=s.defs.get_repository_def(),
-            scheduled_execution_time=datetime.datetime(2026, 11, 28, 2, tzinfo=datetime.UTC),
-        ) as context:
-            requests += schedule.evaluate_tick(context).run_requests
-    return requests
-
-
 def test_changes_rescore_exactly_what_changed(setup):
     s = setup
     s.run_all()
     result = settle(s)
     assert requested(result) == {}, "a complete run leaves nothing to do"
-    # (c) nothing changed: the schedule requests only the checks
-    runs = evaluate_schedule(s)
-    assert [r.asset_selection for r in runs] == [[]]
-    assert runs[0].asset_check_keys
+    # (c) nothing changed: the nightly pass requests only the whole-store checks
+    assert requested(nightly(s, result.cursor)) == STORE_CHECKS
 
     # (a) one changed training shard re-scores exactly that shard, for every test set
     change_shard(s, "shard-1")
@@ -60,20 +41,6 @@ def test_changes_rescore_exactly_what_changed(setup):
         defs=s.defs, instance=s.instance, cursor=result.cursor
     )
     assert requested(result) == {"influence_scores": ["holdout|shard-1", "validation|shard-1"]}
-    frontier = stale_frontier(
-        s.instance,
-        s.defs.resolve_asset_graph(),
-        ["holdout", "validation"],
-        [f"shard-{i}" for i in range(N_SHARDS)],
-    )
-    assert [(k, str(p)) for k, p in frontier] == [
-        ("influence_scores", "holdout|shard-1"),
-        ("influence_scores", "validation|shard-1"),
-    ]
-    runs = evaluate_schedule(s)
-    assert sorted(
-        (r.asset_selection[0].to_user_string(), r.partition_key) for r in runs if r.asset_selection
-    ) == [("influence_scores", "holdout|shard-1"), ("influence_scores", "validation|shard-1")]
     for partition in requested(result)["influence_scores"]:
         s.materialize("influence_scores", partition)
     result = dg.evaluate_automation_conditions(

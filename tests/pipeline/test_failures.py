@@ -12,6 +12,8 @@ from influence_pipeline.defs import build_definitions
 from influence_pipeline.store import InfluenceStore
 from influence_pipeline.workload import ShardData, load_tensor_file, save_tensor_file
 
+from .conftest import STORE_CHECKS, nightly, requested, settle
+
 
 def failure_message(result: dg.ExecuteInProcessResult) -> str:
     failures = [e for e in result.all_events if e.is_step_failure]
@@ -72,6 +74,14 @@ def test_non_finite_shard_fails_its_partition_only(setup):
     assert "Non-finite gradients for samples at batch positions [5]" in message
     # no retries were spent on a data error
     assert sum(1 for e in result.all_events if e.event_type_value == "STEP_RESTARTED") == 0
+    # automation does not loop on the failure; the nightly pass requests it again (with
+    # the whole-store checks)
+    settled = settle(s)
+    assert requested(settled) == {}
+    assert requested(nightly(s, settled.cursor)) == {
+        "influence_scores": ["validation|shard-2"],
+        **STORE_CHECKS,
+    }
     store = InfluenceStore(s.workload.store, mode="r")
     status = store.status("validation")["validation"]
     assert status["missing"] == ["shard-2"]

@@ -42,6 +42,11 @@ def describe(defs: dg.Definitions) -> dict:
         "executor": defs.executor.name
         if defs.executor
         else None,  # in process: no 6 s subprocess per run
+        "jobs": sorted(
+            (job.name, sorted(k.to_user_string() for k in job.asset_layer.executable_asset_keys))
+            for job in defs.get_repository_def().get_all_jobs()
+            if not job.name.startswith("__")
+        ),
         "sensors": sorted(s.name for s in defs.sensors or []),
         "schedules": sorted(
             (s.name, s.cron_schedule, s.execution_timezone) for s in defs.schedules or []
@@ -51,10 +56,18 @@ def describe(defs: dg.Definitions) -> dict:
 
 def test_asset_graph_snapshot(tmp_path):
     defs = build_definitions(
-        digits_workload(tmp_path / "data", n_shards=2, n_test=10, store=str(tmp_path / "s"))
+        digits_workload(tmp_path / "data", n_shards=2, n_test=10, store=str(tmp_path / "s")),
+        gpu=False,
     )
     dg.Definitions.validate_loadable(defs)
     current = json.loads(json.dumps(describe(defs), default=list))
     if os.environ.get("UPDATE_GRAPH_SNAPSHOT"):
         SNAPSHOT.write_text(json.dumps(current, indent=1, sort_keys=True) + "\n")
     assert current == json.loads(SNAPSHOT.read_text())
+
+
+def test_gpu_pool_only_when_a_gpu_is_configured(tmp_path):
+    workload = digits_workload(tmp_path / "data", n_shards=2, n_test=10, store=str(tmp_path / "s"))
+    for gpu, pools in ((True, {"gpu"}), (False, set())):
+        graph = build_definitions(workload, gpu=gpu).resolve_asset_graph()
+        assert set(graph.get(dg.AssetKey("influence_scores")).pools or ()) == pools
