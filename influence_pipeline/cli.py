@@ -1,34 +1,43 @@
-"""Command line.
+"""influence-pipeline: run the bundled influence pipeline and read its results.
 
-``influence-pipeline run`` materializes the whole graph of the bundled workload into the
-Dagster instance at ``$DAGSTER_HOME`` (default: ``./dagster_home``, made absolute), so the
-runs show up when the UI is opened afterwards: it registers the training shards (as the
-sensor does), then runs block_mapper, influence_factors per test set, influence_scores per
-test set × shard, influence_table per test set and data_audit, one Dagster run each,
-printing progress, and ends with the audit summary. Artifacts already in the store for the
-same inputs are reused, so a second run computes nothing new.
+Commands:
+  run     materialize the whole graph (the main job, influence_main) into the project's
+          Dagster instance and store, printing one line per step, then the audit summary;
+          artifacts already stored for the same inputs are reused
+  status  where the store stands: factors and scored shards per test set, recent runs
+  audit   print the latest data audit (flag counts and the most suspicious examples)
+  ui      open Dagster's UI on the project's instance (dagster dev)
+
+Paths do not depend on the current directory: the instance is --home, else $DAGSTER_HOME,
+else <project>/dagster_home; the store is --store, else $INFLUENCE_STORE, else
+<project>/influence_store (<project>: the source checkout this package runs from).
 """
+
+from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
-import dagster as dg
+from .project import default_home, default_store, project_root
+
+EXAMPLES = ("digits",)
+MINIMAL_DAGSTER_YAML = "telemetry:\n  enabled: false\n"
 
 
-def _instance() -> dg.DagsterInstance:
-    home = os.environ.get("DAGSTER_HOME") or str(Path("dagster_home").resolve())
-    os.environ["DAGSTER_HOME"] = str(Path(home).resolve())
-    Path(os.environ["DAGSTER_HOME"]).mkdir(parents=True, exist_ok=True)
-    return dg.DagsterInstance.get()
+class CliError(Exception):
+    """A problem the user can fix; printed as one line, exit status 2."""
 
 
-def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[str]:
+def register_shards(defs: Any, instance: Any) -> list[str]:
     """Evaluate training_shard_sensor once and apply its result (what the daemon does)."""
+    import dagster as dg
+
     sensor = defs.resolve_sensor_def("training_shard_sensor")
     with dg.build_sensor_context(instance=instance, definitions=defs) as context:
         result: Any = sensor(context)
@@ -44,12 +53,23 @@ def register_shards(defs: dg.Definitions, instance: dg.DagsterInstance) -> list[
     return list(instance.get_dynamic_partitions("train_shards"))
 
 
-def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, test_sets: list[str]) -> Any:
-    """Materialize every asset partition in dependency order; returns the audit result."""
+def run_pipeline(
+    defs: Any,
+    instance: Any,
+    test_sets: list[str],
+    run_config: dict[str, Any] | None = None,
+    out: Any = None,
+) -> Any:
+    """Materialize every asset partition in dependency order, one run of the main job each
+    (block_mapper, factors, scores, tables, data_audit with the whole-store checks); prints
+    one line per step to ``out`` (default stdout) and returns the audit run's result."""
+    import dagster as dg
+
     from .defs import JOB_OF
 
+    out = out or sys.stdout
     shards = register_shards(defs, instance)
-    run_config = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
+    quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
     steps: list[tuple[str, str | dg.MultiPartitionKey | None]] = [("block_mapper", None)]
     steps += [("influence_factors", t) for t in test_sets]
     steps += [
@@ -63,25 +83,24 @@ def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, test_sets: 
     result = None
     for i, (key, partition) in enumerate(steps, 1):
         label = key if partition is None else f"{key}[{partition}]"
-        print(f"[{i:2d}/{len(steps)}] {label:48s}", end="", flush=True)
+        ops = {k: v for k, v in ((run_config or {}).get("ops") or {}).items() if k == key}
         start = time.perf_counter()
         result = defs.resolve_job_def(JOB_OF[key]).execute_in_process(
-            run_config=run_config,
+            run_config={**quiet, **({"ops": ops} if ops else {})},
             instance=instance,
             partition_key=str(partition) if partition is not None else None,
             asset_selection=[dg.AssetKey(key)],
             tags=tags,
             raise_on_error=False,
         )
+        seconds = time.perf_counter() - start
         if not result.success:
-            print("FAILED")
+            print(f"[{i:2d}/{len(steps)}] {label:48s} FAILED", file=out)
             for event in result.all_events:
                 if event.is_failure and event.step_failure_data is not None:
-                    print(
-                        event.step_failure_data.error.to_string()
-                        if event.step_failure_data.error
-                        else event
-                    )
+                    data = event.step_failure_data
+                    user = data.user_failure_data
+                    print(user.description if user and user.description else data.error, file=out)
             raise SystemExit(1)
         events = result.get_asset_materialization_events()
         metadata = events[0].materialization.metadata if events else {}
@@ -90,41 +109,199 @@ def run_pipeline(defs: dg.Definitions, instance: dg.DagsterInstance, test_sets: 
         failed_checks = [c.check_name for c in result.get_asset_check_evaluations() if not c.passed]
         if failed_checks:
             note += f"  CHECK FAILED: {', '.join(failed_checks)}"
-        print(f"{time.perf_counter() - start:6.1f} s{note}")
+        # the whole line at once: nothing Dagster prints can land inside it
+        print(f"[{i:2d}/{len(steps)}] {label:48s}{seconds:6.1f} s{note}", file=out, flush=True)
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="influence-pipeline",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("run", help="materialize the whole graph of the bundled workload")
-    args = parser.parse_args(argv)
-    if args.command != "run":  # pragma: no cover
-        return 2
+def _paths(args: argparse.Namespace) -> tuple[Path, str]:
+    """(Dagster home, store) for this invocation, exported as DAGSTER_HOME and
+    INFLUENCE_STORE for the definitions; nothing is created."""
+    home = Path(args.home).resolve() if args.home else default_home()
+    if home is None:
+        raise CliError(
+            "No project checkout next to the package and no DAGSTER_HOME: pass --home DIR "
+            "(the Dagster instance folder)."
+        )
+    store = args.store or default_store()
+    if store and "://" not in store:
+        store = str(Path(store).resolve())
+    os.environ["DAGSTER_HOME"] = str(home)
+    os.environ["INFLUENCE_STORE"] = store
+    return home, store
+
+
+def _ensure_home(home: Path) -> None:
+    """Make the instance folder with the project's dagster.yaml (telemetry off, pools, run
+    monitoring) when it has none, so Dagster prints no first-run banner."""
+    if (home / "dagster.yaml").is_file():
+        return
+    home.mkdir(parents=True, exist_ok=True)
+    root = project_root()
+    template = root / "dagster_home" / "dagster.yaml" if root else None
+    if template is not None and template.is_file():
+        shutil.copyfile(template, home / "dagster.yaml")
+    else:
+        (home / "dagster.yaml").write_text(MINIMAL_DAGSTER_YAML)
+
+
+def _quiet_dagster() -> None:
+    import dagster as dg
+
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
-    instance = _instance()
-    from .definitions import defs, workload
 
-    print(f"influence_pipeline: workload {workload.name!r} — {workload.description}")
-    print(
-        f"Dagster instance: {os.environ['DAGSTER_HOME']}   store: {Path(workload.store).resolve()}"
-    )
+
+def cmd_run(args: argparse.Namespace) -> int:
+    home, store = _paths(args)
+    _quiet_dagster()
+    import dagster as dg
+
+    from .definitions import defs, workload
+    from .defs import JOB_OF
+    from .defs.config import validate_run_config
+
+    test_sets = args.test_set or list(workload.test_sets)
+    unknown = sorted(set(test_sets) - set(workload.test_sets))
+    if unknown:
+        raise CliError(
+            f"--test-set {', '.join(unknown)}: not a test set of workload {workload.name!r}; "
+            f"choose from {', '.join(workload.test_sets)}."
+        )
+    method: dict[str, Any] = {}
+    if args.method is not None:
+        method["method"] = args.method
+    if args.regularization is not None:
+        method["regularization"] = args.regularization
+    run_config = {"ops": {"block_mapper": {"config": method}}} if method else {}
+    try:  # before anything is written
+        validate_run_config(defs, JOB_OF["block_mapper"], run_config, workload.method)
+    except ValueError as error:
+        raise CliError(str(error)) from error
+    _ensure_home(home)
+    print(f"influence_pipeline: workload {workload.name!r}: {workload.description}")
+    print(f"Dagster instance: {home}\nstore: {store}", flush=True)
+    instance = dg.DagsterInstance.get()
     start = time.perf_counter()
-    result = run_pipeline(defs, instance, list(workload.test_sets))
+    result = run_pipeline(defs, instance, test_sets, run_config)
     print(f"\nWhole graph materialized in {time.perf_counter() - start:.1f} s.\n")
     metadata = result.get_asset_materialization_events()[0].materialization.metadata
-    summary = metadata["summary"].value.split("![audit]")[0].rstrip()
-    print(summary)
+    print(metadata["summary"].value.split("![audit]")[0].rstrip())
     print(
-        "\nOpen the UI: DAGSTER_HOME=$PWD/dagster_home .venv/bin/dagster dev -h 127.0.0.1 -p 3000"
+        f"\nOpen the UI: influence-pipeline --home {home} ui"
         "\nRead the tables with pandas: see README.md, 'Reading results with pandas'."
     )
     return 0
+
+
+def _open_store(store: str) -> Any:
+    from .store import InfluenceStore
+
+    try:
+        return InfluenceStore(store, mode="r")
+    except ValueError as error:
+        raise CliError(f"{error} Run `influence-pipeline run` first.") from error
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    home, store = _paths(args)
+    print(f"Dagster instance: {home}\nstore: {store}")
+    for test_set, state in _open_store(store).status().items():
+        print(
+            f"  {test_set}: factors {'done' if state['factors'] else 'missing'}; "
+            f"{len(state['complete'])} shards scored"
+            + (f", missing: {', '.join(state['missing'])}" if state["missing"] else "")
+        )
+    if (home / "history").is_dir():  # an instance with runs (SQLite run storage)
+        _quiet_dagster()
+        import dagster as dg
+
+        with dg.DagsterInstance.from_config(str(home)) as instance:
+            runs = instance.get_runs(limit=5)
+            if runs:
+                print("Recent runs:")
+            for run in runs:
+                print(f"  {run.job_name:28s} {run.status.value:10s} {run.run_id[:8]}")
+    return 0
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    _, store = _paths(args)
+    try:
+        audit = _open_store(store).read_table("audit/latest")
+    except (KeyError, ValueError, FileNotFoundError) as error:
+        raise CliError(
+            f"No audit in {store} yet ({error}). Run `influence-pipeline run`."
+        ) from None
+    if audit is None:
+        raise CliError(f"No audit in {store} yet. Run `influence-pipeline run`.")
+    from .analysis.audit import FLAGS
+
+    flagged = audit[audit.flagged]
+    print(f"Latest audit ({store}): {len(audit):,} training examples, {len(flagged)} flagged.")
+    for flag in FLAGS:
+        print(f"  {flag}: {int(audit[flag].sum())}")
+    columns = [
+        c for c in ("train_id", "train_shard", "label", "suspicion", "reasons") if c in audit
+    ]
+    if len(flagged):
+        print(f"\nMost suspicious {min(args.rows, len(flagged))}:")
+        print(flagged[columns].head(args.rows).to_string(index=False))
+    return 0
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    home, store = _paths(args)
+    root = project_root()
+    if root is None:
+        raise CliError("`ui` needs the project checkout (its workspace.yaml); none found.")
+    _ensure_home(home)
+    dagster = Path(sys.executable).with_name("dagster")
+    command = [str(dagster), "dev", "-h", args.host, "-p", str(args.port)]
+    command += ["-w", str(root / "workspace.yaml")]
+    print(f"Dagster instance: {home}\nstore: {store}\nhttp://{args.host}:{args.port}", flush=True)
+    os.chdir(root)
+    os.execv(command[0], command)
+    return 0  # pragma: no cover - execv does not return
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="influence-pipeline",
+        description=__doc__.split("\n\n")[0] if __doc__ else None,
+        epilog="\n\n".join((__doc__ or "").split("\n\n")[1:]),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--home", help="Dagster instance folder (default: see below)")
+    parser.add_argument("--store", help="store path or URL (default: see below)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    run = sub.add_parser("run", help="materialize the whole graph (the main job)")
+    run.add_argument("--example", choices=EXAMPLES, default="digits", help="bundled workload")
+    run.add_argument(
+        "--test-set", action="append", metavar="NAME", help="only this test set (repeatable)"
+    )
+    run.add_argument("--method", help="influence method (default: the workload's)")
+    run.add_argument("--regularization", type=float, help="λ ≥ 0 (default: the workload's)")
+    run.set_defaults(handler=cmd_run)
+    sub.add_parser("status", help="factors and scored shards per test set; recent runs")
+    sub.choices["status"].set_defaults(handler=cmd_status)
+    audit = sub.add_parser("audit", help="print the latest data audit")
+    audit.add_argument("--rows", type=int, default=15, help="flagged examples to show")
+    audit.set_defaults(handler=cmd_audit)
+    ui = sub.add_parser("ui", help="open Dagster's UI on the project's instance")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=3000)
+    ui.set_defaults(handler=cmd_ui)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except CliError as error:
+        print(f"influence-pipeline: error: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,13 +1,14 @@
 """Module-level ``defs`` for ``dagster dev`` / ``workspace.yaml``: the bundled digits workload.
 
-Point the pipeline at your own model and data with ``build_definitions(my_workload)`` from
-your own module (see README.md). ``INFLUENCE_STORE`` overrides the store location.
+Importing it trains nothing and writes nothing (the example's files and model are made on
+first use). The store is ``INFLUENCE_STORE`` if set, else ``<project>/influence_store``
+(see ``influence_pipeline.project``). Point the pipeline at your own model and data with
+``build_definitions(my_workload)`` from your own module (see README.md).
 """
-
-import os
 
 from .defs import build_definitions
 from .examples.digits import digits_workload
+from .project import default_store
 
-workload = digits_workload(store=os.environ.get("INFLUENCE_STORE", "influence_store"))
+workload = digits_workload(store=default_store())
 defs = build_definitions(workload)
