@@ -237,11 +237,13 @@ def batch_rows(
             )
         root = pos.sqrt()
         for start in range(0, total_outputs, EXACT_FISHER_CHUNK):
-            idx = torch.arange(start, min(start + EXACT_FISHER_CHUNK, total_outputs))
+            idx = torch.arange(
+                start, min(start + EXACT_FISHER_CHUNK, total_outputs), device=p.device
+            )
             t_idx, c_idx = idx // n_classes, idx % n_classes
             k = len(idx)
             cot = torch.zeros(k, batch_size, n_pos, n_classes, dtype=p.dtype, device=p.device)
-            kk = torch.arange(k)
+            kk = torch.arange(k, device=p.device)
             # √p_tc (e_c − p_t) at position t, zero elsewhere
             weight = root[:, t_idx, c_idx].T  # (k, B)
             cot[kk, :, t_idx, :] = -weight[:, :, None] * pos[:, t_idx, :].transpose(0, 1)

@@ -8,9 +8,10 @@ example i is a sum over layers,
 and one forward and backward pass of a training batch gives ã and g of every layer (hooks,
 :mod:`~influence_pipeline.influence.layer_gradients`). A training example's whole gradient is
 never formed: the batch's Dⱼ of one layer at a time (B × layer size) is contracted with the
-queries and dropped. With compressed queries Mᵢ ≈ LᵢRᵢ the score is taken without expanding
-them, Σ_t (Lᵢᵀ g_jt)·(Rᵢ ã_jt), in chunks of test rows so that the intermediate
-(test rows × r × B × T) stays under :data:`MAX_CHUNK_ELEMENTS`. Self-influences
+queries and dropped. With compressed queries Mᵢ ≈ LᵢRᵢ the score is Σ_t (Lᵢᵀ g_jt)·(Rᵢ ã_jt), or,
+where that costs more multiply-adds (long sequences, see :func:`low_rank_route`), LᵢRᵢ of a
+block of test rows at a time against Dⱼ; intermediates are chunked over test rows to stay
+under :data:`MAX_CHUNK_ELEMENTS`. Self-influences
 ⟨(EK-FAC + λ)⁻¹Dᵢ, Dᵢ⟩ are Σ (Q_Gᵀ Dᵢ Q_A)² ⊘ (Λ + λ) in the Kronecker eigenbasis.
 """
 
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from .compressed import LayerQuery, QueryFactors, compress
 from .ekfac import EkfacLayerFactors
+from .finite import all_finite
 from .kfac_layers import KfacLayer
 from .layer_gradients import LossType, batch_rows
 
@@ -71,7 +73,7 @@ class PerLayerScorer:
         parts: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
         for a, g in self._batches(x, y):
             for name in self.layers:
-                parts[name].append(torch.einsum("bgto,bgti->bgoi", g[name], a[name]))
+                parts[name].append(_example_gradients(a[name], g[name]))
         return OrderedDict((n, torch.cat(p)) for n, p in parts.items())
 
     def preconditioned(self, x: torch.Tensor, y: torch.Tensor) -> OrderedDict[str, torch.Tensor]:
@@ -114,6 +116,9 @@ class PerLayerScorer:
             )
         device, dtype = self.factors[next(iter(self.layers))].diag.device, self._dtype
         queries = queries.to(device, dtype)
+        for name in self.layers:
+            if not all(all_finite(t) for t in queries.layers[name].tensors().values()):
+                raise ValueError(f"The query factors of layer {name!r} contain NaN or inf.")
         out: dict[str, list[torch.Tensor]] = {n: [] for n in self.layers}
         for a, g in self._batches(x, y):
             for name in self.layers:
@@ -140,10 +145,18 @@ def _layer_scores(query: LayerQuery, a: torch.Tensor, g: torch.Tensor) -> torch.
     """Scores (n, B) of one layer's queries against a batch's rows a (B, G, T, in) and
     g (B, G, T, out)."""
     if query.dense is not None:
-        grads = torch.einsum("bgto,bgti->bgoi", g, a)  # this layer only, then dropped
-        return query.dense.flatten(1) @ grads.flatten(1).T
+        return query.dense.flatten(1) @ _example_gradients(a, g).flatten(1).T
     left, right = query.left, query.right
     assert left is not None and right is not None
+    if low_rank_route(left, right, a) == "expand":
+        grads = _example_gradients(a, g).flatten(1)
+        step = max(1, MAX_CHUNK_ELEMENTS // max(1, grads.shape[1]))
+        return torch.cat(
+            [
+                (left[s : s + step] @ right[s : s + step]).flatten(1) @ grads.T
+                for s in range(0, left.shape[0], step)
+            ]
+        )
     n, groups, _, rank = left.shape
     b, _, t, _ = a.shape
     g_cols = g.permute(1, 3, 0, 2).reshape(groups, g.shape[-1], b * t)  # (G, out, B·T)
@@ -158,3 +171,29 @@ def _layer_scores(query: LayerQuery, a: torch.Tensor, g: torch.Tensor) -> torch.
         ra = rt.reshape(groups, k * rank, -1) @ a_cols
         parts.append((lg * ra).reshape(groups, k, rank, b, t).sum(dim=(0, 2, 4)))
     return torch.cat(parts)
+
+
+def _example_gradients(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Dⱼ = Σ_t g_t ã_tᵀ of one layer for a batch: (B, G, out, in)."""
+    return torch.einsum("bgto,bgti->bgoi", g, a)
+
+
+#: How low-rank queries are contracted: "auto" (the cheaper in multiply-adds), "factors"
+#: (Σ_t (Lᵀg_t)·(Rã_t)) or "expand" (LR of a block of test rows against Dⱼ).
+LOW_RANK_ROUTE = "auto"
+
+
+def low_rank_route(left: torch.Tensor, right: torch.Tensor, a: torch.Tensor) -> str:
+    """The contraction order of low-rank queries against a batch, as Kronfluence's einsum
+    path choice: Σ_t (Lᵀg_t)·(Rã_t) costs n·B·T·r·(out + in); expanding LR block by block
+    and contracting with the batch's Dⱼ costs n·out·in·r + B·T·out·in + n·B·out·in. With
+    one position per example (classifiers) the factors win; with long sequences the
+    expansion does. Nothing expanded is kept: the stored factors stay compressed."""
+    if LOW_RANK_ROUTE != "auto":
+        return LOW_RANK_ROUTE
+    n, _, out, rank = left.shape
+    inp = right.shape[-1]
+    b, t = a.shape[0], a.shape[2]
+    factors = n * b * t * rank * (out + inp)
+    expand = n * out * inp * rank + b * t * out * inp + n * b * out * inp
+    return "factors" if factors <= expand else "expand"

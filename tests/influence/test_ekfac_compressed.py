@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from influence_pipeline.influence import QueryFactors
+from influence_pipeline.influence import QueryFactors, per_layer
 
 from .ekfac_brute import rel
 from .test_ekfac_layers import fitted
@@ -30,8 +30,12 @@ def test_full_rank_factors_are_exact(case):
             assert torch.equal(q.dense, factors.layers[name].dense)
 
 
+@pytest.mark.parametrize("route", ["factors", "expand", "auto"])
 @pytest.mark.parametrize("case", ["gpt", "cnn"])
-def test_truncated_factors_are_the_svd_truncation_scored_without_expansion(case):
+def test_truncated_factors_are_the_svd_truncation_scored_without_expansion(
+    case, route, monkeypatch
+):
+    monkeypatch.setattr(per_layer, "LOW_RANK_ROUTE", route)
     influence, _, _, (x, y), (x_test, y_test) = fitted(case, "exact")
     exact = influence.compressed_factors(x_test, y_test)
     rank = 2
@@ -47,7 +51,7 @@ def test_truncated_factors_are_the_svd_truncation_scored_without_expansion(case)
         sigma = torch.linalg.svdvals(m)
         residual = (m - q.left @ q.right).norm(dim=(-2, -1))
         assert torch.allclose(residual, sigma[..., rank:].norm(dim=-1), rtol=1e-8, atol=1e-12)
-    # scored through the factors == scored through the expanded matrices
+    # scored through the factors (either contraction order) == through the expanded matrices
     expanded = QueryFactors(
         type(low.layers)((n, type(q)(dense=q.matrix())) for n, q in low.layers.items())
     )
@@ -91,3 +95,11 @@ def test_rank_below_one_and_other_modules_are_refused():
     )
     with pytest.raises(ValueError, match="other modules="):
         other.influences_from_factors(partial, x, y)
+
+
+def test_low_rank_route_follows_the_multiply_add_count():
+    left, right = torch.zeros(100, 1, 768, 32), torch.zeros(100, 1, 32, 768)
+    one_position = torch.zeros(64, 1, 1, 768)
+    long_sequence = torch.zeros(64, 1, 512, 768)
+    assert per_layer.low_rank_route(left, right, one_position) == "factors"
+    assert per_layer.low_rank_route(left, right, long_sequence) == "expand"
