@@ -4,8 +4,9 @@ For a test example and a layer, the query factor is the preconditioned gradient 
 Mᵢ = (EK-FAC + λ)⁻¹ Dᵢ, shape (G, out, in_dim) (see :mod:`~influence_pipeline.influence.ekfac`).
 Compressed to rank r it is kept as Mᵢ ≈ Lᵢ Rᵢ with Lᵢ = U_r diag(σ_r) (out × r) and
 Rᵢ = V_rᵀ (r × in_dim) from the SVD of each group's matrix: the best rank-r approximation in
-the Frobenius norm. A layer whose smaller side is ≤ r keeps its exact matrix (as Kronfluence
-does): that is exact and no larger. Storage per test example: Σ_layers G·r·(out + in_dim)
+the Frobenius norm. A layer whose factors would not be smaller than its matrix,
+r·(out + in_dim) ≥ out·in_dim (in particular r ≥ its smaller side, Kronfluence's rule), keeps
+the exact matrix. Storage per test example: Σ_layers G·min(r·(out + in_dim), out·in_dim)
 numbers instead of Σ_layers G·out·in_dim.
 
 :class:`QueryFactors` holds them by layer as plain tensors (``dense`` (n, G, out, in_dim), or
@@ -139,9 +140,11 @@ def check_rank(rank: int | None) -> int | None:
 
 
 def compress(matrices: torch.Tensor, rank: int | None) -> LayerQuery:
-    """Rank-r factors of (n, G, out, in_dim) matrices; exact when r ≥ min(out, in_dim)."""
+    """Rank-r factors of (n, G, out, in_dim) matrices; the exact matrices when the factors
+    would not be smaller (r·(out + in_dim) ≥ out·in_dim, which includes r ≥ min(out, in_dim))."""
     rank = check_rank(rank)
-    if rank is None or rank >= min(matrices.shape[-2:]):
+    out, inp = matrices.shape[-2:]
+    if rank is None or rank * (out + inp) >= out * inp:  # includes rank ≥ min(out, in)
         return LayerQuery(dense=matrices)
     u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
     left = (u[..., :rank] * s[..., None, :rank]).contiguous()

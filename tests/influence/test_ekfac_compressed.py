@@ -23,9 +23,9 @@ def test_full_rank_factors_are_exact(case):
         assert rel(influence.influences_from_factors(factors, x, y), exact) < 1e-10
     smallest = min(min(q.dense.shape[-2:]) for q in factors.layers.values())
     at_edge = influence.compressed_factors(x_test, y_test, rank=smallest)
-    for name, q in at_edge.layers.items():  # rank == a layer's smaller side: kept exact
-        side = min(factors.layers[name].dense.shape[-2:])
-        assert q.is_dense == (side <= smallest), name
+    for name, q in at_edge.layers.items():  # kept exact where factors would not be smaller
+        o, i = factors.layers[name].dense.shape[-2:]
+        assert q.is_dense == (smallest * (o + i) >= o * i), name
         if q.is_dense:
             assert torch.equal(q.dense, factors.layers[name].dense)
 
@@ -45,7 +45,7 @@ def test_truncated_factors_are_the_svd_truncation_scored_without_expansion(
     for name, q in low.layers.items():
         m = exact.layers[name].dense
         if q.is_dense:
-            assert min(m.shape[-2:]) <= rank
+            assert rank * sum(m.shape[-2:]) >= m.shape[-2] * m.shape[-1]
             continue
         assert q.left.shape == (*m.shape[:-1], rank) and q.right.shape[-2:] == (rank, m.shape[-1])
         sigma = torch.linalg.svdvals(m)
@@ -68,7 +68,7 @@ def test_factor_size_round_trip_and_row_blocks():
     expected_numbers = 0
     for layer in influence.active_layers.values():
         o, i, g = layer.out_features, layer.in_dim, layer.groups
-        expected_numbers += g * (o * i if min(o, i) <= rank else rank * (o + i))
+        expected_numbers += g * min(o * i, rank * (o + i))
     assert low.nbytes == len(x_test) * expected_numbers * 8
     assert low.nbytes < influence.compressed_factors(x_test, y_test).nbytes
 
