@@ -1,10 +1,13 @@
 """The influence tables of a test set, for pandas users and the audit.
 
-* ``top_k``: per test point, the k most helpful and k most harmful training examples
-  (test_id, kind, rank, train_id, train_shard, train_row, score, and the labels when the
-  targets are class labels), merged from the per-shard top-k lists;
+* ``top_k``: per test point, the k most helpful and k most harmful training examples,
+  merged from the per-shard top-k lists;
 * ``train_totals``: per training example, the sum, mean, min and max of its scores over
-  the test points (and its label).
+  the test points.
+
+Their columns and dtypes are the schemas ``TOP_K`` and ``TRAIN_TOTALS`` of
+:mod:`influence_pipeline.store.schemas` (labels are NA where the targets are not class
+labels), checked before they are returned.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from ..store import InfluenceStore
+from ..store.schemas import TOP_K, TRAIN_TOTALS
 
 
 def label_map(ids: np.ndarray, y: np.ndarray) -> dict[int, int] | None:
@@ -37,10 +41,19 @@ def influence_tables(
     the complete ones with ``allow_incomplete``)."""
     top = store.top_k(test_set, k, shards=shards, allow_incomplete=allow_incomplete)
     totals = store.train_aggregates(test_set, shards=shards, allow_incomplete=allow_incomplete)
-    if test_labels is not None:
-        top.insert(1, "test_label", top.test_id.map(test_labels).astype("Int64"))
-    if train_labels is not None:
-        top["train_label"] = top.train_id.map(train_labels).astype("Int64")
-        totals["label"] = totals.train_id.map(train_labels).astype("Int64")
+    top.insert(2, "test_label", _labels(top.test_id, test_labels))
+    top.insert(
+        top.columns.get_loc("train_row") + 1, "train_label", _labels(top.train_id, train_labels)
+    )
+    totals.insert(3, "train_label", _labels(totals.train_id, train_labels))
     totals = totals.sort_values("score_sum", kind="stable").reset_index(drop=True)
+    TOP_K.check(top)
+    TRAIN_TOTALS.check(totals)
     return top, totals
+
+
+def _labels(ids: pd.Series, labels: Mapping[int, int] | None) -> pd.Series:
+    """The label of each id (nullable Int64; NA when unknown)."""
+    if labels is None:
+        return pd.Series(pd.NA, index=ids.index, dtype="Int64")
+    return ids.map(labels).astype("Int64")

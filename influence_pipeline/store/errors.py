@@ -15,5 +15,10 @@ class IncompleteArtifactError(StoreError):
     """An artifact (factors of a test set, scores of a shard) is not marked complete."""
 
 
+class StaleArtifactError(IncompleteArtifactError):
+    """An artifact is complete but was computed from other inputs than the current ones
+    (other factors, another fitted block mapper or loss): it is never served."""
+
+
 class StoreCorruptionError(StoreError):
-    """Stored bytes fail their checksum or cannot be decoded."""
+    """Stored bytes fail their checksum, cannot be decoded, or a chunk file is missing."""

@@ -2,10 +2,14 @@
 
 Local paths (and ``file://`` URLs) use Zarr's ``LocalStore``; other URLs use
 ``FsspecStore``. Small JSON documents (completion markers) are written atomically: a
-temporary file renamed into place (and fsynced) locally, a single PUT elsewhere.
-Allocation of training shards runs under :meth:`StoreLocation.lock`, an exclusive file
-lock on a local store and a process-wide lock in memory; object stores have no lock, so
-allocation must come from one process there (the pipeline does it before fanning out).
+temporary file renamed into place (and fsynced) locally, a single PUT elsewhere; one that
+no longer decodes (truncated, a flipped byte) raises :class:`StoreCorruptionError` naming
+the file. Allocation of training shards runs under :meth:`StoreLocation.lock`, an
+exclusive file lock on a local store and a process-wide lock in memory; object stores have
+no lock (``has_lock`` is False), so allocation must come from one process there (the
+pipeline does it before fanning out). :meth:`StoreLocation.lease` is a non-blocking
+exclusive claim (a shard writer holds one while it writes): an ``flock`` on a local store,
+released by the kernel when its process dies, a process-wide claim in memory.
 """
 
 from __future__ import annotations
@@ -22,7 +26,10 @@ import fsspec
 import zarr
 from zarr.storage import FsspecStore, LocalStore
 
+from .errors import StoreCorruptionError, StoreError
+
 _MEMORY_LOCK = threading.Lock()
+_MEMORY_LEASES: set[tuple[str, str]] = set()
 
 
 class StoreLocation:
@@ -77,11 +84,56 @@ class StoreLocation:
             self.fs.pipe_file(self._join(key), data)
 
     def read_json(self, key: str) -> Any | None:
+        """The JSON document ``key``, or None when there is none; one that does not decode
+        raises :class:`StoreCorruptionError` naming the file."""
         try:
             with self.fs.open(self._join(key), "rb") as handle:
-                return json.loads(handle.read())
+                data = handle.read()
         except FileNotFoundError:
             return None
+        try:
+            return json.loads(data)
+        except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+            raise StoreCorruptionError(
+                f"The file {self._join(key)!r} is damaged ({type(error).__name__}: {error}); "
+                "delete it and re-run the step that writes it."
+            ) from error
+
+    def exists_key(self, key: str) -> bool:
+        if self.is_local:
+            return os.path.exists(self.local_path(key))
+        return bool(self.fs.exists(self._join(key)))
+
+    def list_files(self, prefix: str) -> set[str]:
+        """Keys (relative to ``prefix``) of every file under ``prefix``."""
+        base = self._join(prefix).rstrip("/")
+        if self.is_local:
+            top = self.local_path(prefix)
+            found: set[str] = set()
+            for directory, _, files in os.walk(top):
+                rel = os.path.relpath(directory, top)
+                for name in files:
+                    found.add(name if rel == "." else f"{rel.replace(os.sep, '/')}/{name}")
+            return found
+        try:
+            entries = self.fs.find(base)
+        except FileNotFoundError:
+            return set()
+        strip = base.lstrip("/") + "/"
+        return {
+            str(e).lstrip("/")[len(strip) :]
+            for e in entries
+            if str(e).lstrip("/").startswith(strip)
+        }
+
+    def remove_tree(self, key: str) -> None:
+        """Delete ``key`` and everything under it (nothing if absent)."""
+        path = self._join(key)
+        with contextlib.suppress(FileNotFoundError):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+        if self.is_local:
+            fsync_dir(os.path.dirname(self.local_path(key)))
 
     def delete(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -128,6 +180,16 @@ class StoreLocation:
         if self.is_local:
             fsync_dir(self.local_path(key))
 
+    @property
+    def has_lock(self) -> bool:
+        """Whether :meth:`lock` excludes other writers (local and in-memory stores)."""
+        return self.is_local or "memory" in _protocols(self.fs)
+
+    def lease(self, key: str, what: str) -> Lease:
+        """Claim ``key`` exclusively without waiting; raises :class:`StoreError` naming
+        ``what`` when another writer holds it. Release with :meth:`Lease.release`."""
+        return Lease(self, key, what)
+
     @contextlib.contextmanager
     def lock(self, name: str = "allocation") -> Iterator[None]:
         if self.is_local:
@@ -145,6 +207,54 @@ class StoreLocation:
                 yield
         else:
             yield
+
+
+class Lease:
+    """An exclusive, non-blocking claim of one key (see :meth:`StoreLocation.lease`).
+    Object stores have no exclusion: there the lease only records its holder."""
+
+    def __init__(self, location: StoreLocation, key: str, what: str) -> None:
+        self.location, self.key = location, key
+        self._handle: Any = None
+        self._memory: tuple[str, str] | None = None
+        if location.is_local:
+            import fcntl
+
+            path = location.local_path(key)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            handle = open(path, "a+b")  # noqa: SIM115 - held until release()
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                raise StoreError(
+                    f"{what} is being written by another writer (it holds the lease "
+                    f"{path!r}); wait for it to finish or stop it, then run again."
+                ) from None
+            self._handle = handle
+        elif "memory" in _protocols(location.fs):
+            claim = (location.url, key)
+            with _MEMORY_LOCK:
+                if claim in _MEMORY_LEASES:
+                    raise StoreError(
+                        f"{what} is being written by another writer (lease {key!r}); wait for "
+                        "it to finish, then run again."
+                    )
+                _MEMORY_LEASES.add(claim)
+            self._memory = claim
+
+    def release(self) -> None:
+        if self._handle is not None:
+            import fcntl
+
+            with contextlib.suppress(OSError, ValueError):
+                fcntl.flock(self._handle.fileno(), fcntl.LOCK_UN)
+            self._handle.close()
+            self._handle = None
+        if self._memory is not None:
+            with _MEMORY_LOCK:
+                _MEMORY_LEASES.discard(self._memory)
+            self._memory = None
 
 
 def fsync_dir(path: str) -> None:

@@ -4,7 +4,8 @@ A fingerprint is a BLAKE2b-128 digest over names, dtypes, shapes and raw bytes o
 in a fixed order: the model fingerprint hashes the state dict (parameters and buffers);
 a data fingerprint hashes the (x, y) tensors of every batch of a loader in order. Two
 runs on the same weights and data give the same fingerprints on any machine with the same
-byte order.
+byte order. torch is imported only where a tensor is hashed, so reading a store needs no
+torch.
 """
 
 from __future__ import annotations
@@ -12,20 +13,33 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import platform
+import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 import influence_pipeline
 
 from .errors import ProvenanceMismatchError
 
+if TYPE_CHECKING:
+    import torch
+
+
+def _is_tensor(value: Any) -> bool:
+    """Whether ``value`` is a torch tensor (without importing torch: none can exist
+    unless torch is imported)."""
+    torch_module = sys.modules.get("torch")
+    return torch_module is not None and isinstance(value, torch_module.Tensor)
+
 
 def _update_with_tensor(h: Any, name: str, tensor: torch.Tensor | np.ndarray) -> None:
-    if isinstance(tensor, torch.Tensor):
+    if _is_tensor(tensor):
+        import torch
+
+        assert isinstance(tensor, torch.Tensor)
         t = tensor.detach().cpu().contiguous()
         dtype = str(t.dtype)
         if t.dtype == torch.bfloat16:
@@ -63,6 +77,8 @@ class DataHasher:
 
     @staticmethod
     def _bytes(tensor: torch.Tensor) -> tuple[str, memoryview]:
+        import torch
+
         t = tensor.detach().cpu().contiguous()
         dtype = str(t.dtype)
         if t.dtype == torch.bfloat16:
@@ -103,6 +119,7 @@ def data_fingerprint(batches: Iterable[Any]) -> str:
 
 
 def library_versions() -> dict[str, str]:
+    import torch
     import zarr
 
     return {

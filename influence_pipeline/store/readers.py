@@ -1,7 +1,8 @@
 """pandas views of stored scores.
 
-* :func:`scores_table`: a tidy long table (test_id, train_shard, train_row, train_id,
-  score) for a selection of test and training ids, reading only the selected columns.
+* :func:`scores_table`: a tidy long table (test_id, test_position, train_id, train_shard,
+  train_row, score) for a selection of test points (by id or by position) and training
+  ids, reading only the selected columns.
 * :func:`top_k`: the k most helpful and most harmful training examples per test point,
   merged from the per-shard top-k lists (work independent of the number of training
   examples; the full score matrix is never read).
@@ -10,6 +11,11 @@
 * :func:`column_index`: which training example each column of the raw scores array holds,
   for xarray/dask users who open the Zarr arrays directly (every array has
   ``dimension_names``).
+
+Only complete shards are served: a shard that is missing, stale (scored against other
+factors, another block mapper or loss) or damaged raises :class:`IncompleteArtifactError`
+naming why, unless ``allow_incomplete`` skips it. Column names follow
+:mod:`~influence_pipeline.store.schemas`.
 """
 
 from __future__ import annotations
@@ -31,11 +37,14 @@ def _complete_shards(
 ) -> list[str]:
     order = store.allocation(test_set)["order"]
     names = order if shards is None else [store.resolve_shard(test_set, s) for s in shards]
-    incomplete = [s for s in names if store.shard_record(test_set, s) is None]
+    factors = store.factors_state(test_set)
+    states = {s: store.shard_state(test_set, s, _factors=factors) for s in names}
+    incomplete = [s for s in names if not states[s].complete]
     if incomplete and not allow_incomplete:
+        reasons = "; ".join(f"{s}: {states[s].state} ({states[s].reason})" for s in incomplete[:5])
         raise IncompleteArtifactError(
-            f"Shards {incomplete} of test set {test_set!r} are not complete; score them first "
-            "or pass allow_incomplete=True to skip them."
+            f"Shards {incomplete} of test set {test_set!r} are not complete ({reasons}); score "
+            "them first or pass allow_incomplete=True to skip them."
         )
     return [s for s in names if s not in incomplete]
 
@@ -56,13 +65,26 @@ def scores_table(
     test_set: str,
     *,
     test_ids: Sequence[int] | np.ndarray | None = None,
+    test_positions: Sequence[int] | np.ndarray | None = None,
     train_ids: Sequence[int] | np.ndarray | None = None,
     shards: Sequence[str | int] | None = None,
     allow_incomplete: bool = False,
 ) -> pd.DataFrame:
-    """Long table of scores for the selected test ids × training ids (all by default)."""
+    """Long table of scores for the selected test points (``test_ids`` or
+    ``test_positions``, all by default) × training ids (all by default)."""
     all_test_ids = store.test_ids(test_set)
-    rows = _positions(all_test_ids, test_ids, "test")
+    if test_ids is not None and test_positions is not None:
+        raise StoreError("Select test points by test_ids or by test_positions, not both.")
+    if test_positions is not None:
+        rows = np.asarray(test_positions, dtype=np.int64).reshape(-1)
+        bad = rows[(rows < 0) | (rows >= len(all_test_ids))]
+        if bad.size:
+            raise StoreError(
+                f"test_positions {bad[:10].tolist()} are out of range: test set {test_set!r} "
+                f"has {len(all_test_ids)} test points (positions 0..{len(all_test_ids) - 1})."
+            )
+    else:
+        rows = _positions(all_test_ids, test_ids, "test")
     allocation = store.allocation(test_set)["shards"]
     frames = []
     wanted = (
@@ -83,9 +105,10 @@ def scores_table(
             pd.DataFrame(
                 {
                     "test_id": np.repeat(all_test_ids[rows], len(local)),
+                    "test_position": np.repeat(rows, len(local)).astype(np.int64),
+                    "train_id": np.tile(ids[local], len(rows)),
                     "train_shard": pd.Categorical([shard] * (len(rows) * len(local))),
                     "train_row": np.tile(local, len(rows)).astype(np.int64),
-                    "train_id": np.tile(ids[local], len(rows)),
                     "score": block.reshape(-1),
                 }
             )
@@ -100,9 +123,10 @@ def scores_table(
         return pd.DataFrame(
             {
                 "test_id": pd.Series(dtype="int64"),
+                "test_position": pd.Series(dtype="int64"),
+                "train_id": pd.Series(dtype="int64"),
                 "train_shard": pd.Categorical([]),
                 "train_row": pd.Series(dtype="int64"),
-                "train_id": pd.Series(dtype="int64"),
                 "score": pd.Series(dtype="float32"),
             }
         )
@@ -121,8 +145,8 @@ def top_k(
     allow_incomplete: bool = False,
 ) -> pd.DataFrame:
     """Per test point, the k most helpful (largest scores) and/or most harmful (smallest)
-    training examples: columns test_id, kind, rank (1 = strongest), train_id, train_shard,
-    train_row, score."""
+    training examples: columns test_id, test_position, kind, rank (1 = strongest),
+    train_id, train_shard, train_row, score."""
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise StoreError(f"k must be a positive integer, got {k!r}.")
     if kind not in ("helpful", "harmful", "both"):
@@ -162,12 +186,13 @@ def top_k(
             pd.DataFrame(
                 {
                     "test_id": np.repeat(test_ids, kk),
+                    "test_position": np.repeat(np.arange(len(test_ids), dtype=np.int64), kk),
                     "kind": which,
-                    "rank": np.tile(np.arange(1, kk + 1), len(test_ids)),
+                    "rank": np.tile(np.arange(1, kk + 1, dtype=np.int64), len(test_ids)),
                     "train_id": train_ids.reshape(-1),
                     "train_shard": np.asarray(shards, dtype=object)[s_top.reshape(-1)],
-                    "train_row": r_top.reshape(-1),
-                    "score": v_top.reshape(-1),
+                    "train_row": r_top.reshape(-1).astype(np.int64),
+                    "score": v_top.reshape(-1).astype(np.float32),
                 }
             )
         )
@@ -184,8 +209,9 @@ def train_aggregates(
     shards: Sequence[str | int] | None = None,
     allow_incomplete: bool = False,
 ) -> pd.DataFrame:
-    """Per training example: score_sum, score_mean, score_min, score_max over the test set
-    (of the given ``shards``, all allocated ones by default)."""
+    """Per training example (train_id, train_shard, train_row): score_sum, score_mean,
+    score_min, score_max over the test set (of the given ``shards``, all allocated ones by
+    default)."""
     n_test = len(store.test_ids(test_set))
     frames = []
     for shard in _complete_shards(store, test_set, shards, allow_incomplete):

@@ -6,9 +6,13 @@ range of ``scores/<test_set>``, one whole column block at a time (a buffer of
 n_test × block-width float32, written by a background thread while the next one fills).
 It keeps, per test point, the k largest (most helpful) and k smallest (most harmful)
 scores with their rows, and per training example the sum, min and max over the test
-points; ``finish`` writes those summaries, syncs, and marks the shard complete.
-:func:`score_shard` feeds it S = F ∇_θℓ(z_j) for the stored factors F and a shard loader,
-one batch at a time. Memory: the factors, one batch of gradients, two column blocks.
+points; ``finish`` writes those summaries, syncs, and marks the shard complete with a
+record of the inputs (factors fingerprint, fitted-state digest, loss) and a manifest of
+its chunks. A writer holds the shard's lease from start to finish: a second writer of the
+same shard is refused while the first runs (local and in-memory stores; on object storage
+the orchestrator must run one writer per shard). :func:`score_shard` feeds it
+S = F ∇_θℓ(z_j) for the stored factors F and a shard loader, one batch at a time.
+Memory: the factors, one batch of gradients, two column blocks.
 """
 
 from __future__ import annotations
@@ -21,12 +25,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import zarr
 
 from ..influence.types import InfluenceMode
-from .errors import IncompleteArtifactError, StoreError
+from .errors import IncompleteArtifactError, ProvenanceMismatchError, StoreError
 from .provenance import DataHasher, Provenance
-from .store import ShardResult, _as_ids, _checksum_codecs, _split_item
+from .store import (
+    WRITE_ALL_CHUNKS,
+    ShardResult,
+    _as_ids,
+    _checksum_codecs,
+    _loss_name,
+    _manifest,
+    _require_group,
+    _split_item,
+    mode_value,
+    state_digest,
+)
 
 if TYPE_CHECKING:
     from .store import InfluenceStore
@@ -118,8 +132,9 @@ class ShardWriter:
         shard: str,
         *,
         top_k: int = 10,
-        mode: InfluenceMode = InfluenceMode.Up,
+        mode: Any = InfluenceMode.Up,
     ) -> None:
+        mode = InfluenceMode(mode_value(mode))
         if top_k < 1:
             raise StoreError(f"top_k must be at least 1, got {top_k}.")
         self.store, self.test_set, self.shard, self.mode, self.top_k = (
@@ -150,6 +165,10 @@ class ShardWriter:
                 f"{mode.value} scores array of {test_set!r} has {self.array.shape[1]} columns: "
                 "allocate the shards with input_shape to write perturbation scores."
             )
+        self._lease = store.location.lease(
+            f"_status/{self._scores_key}/{shard}.lease",
+            f"Shard {shard!r} of test set {test_set!r} ({mode.value} scores)",
+        )
         store.location.delete(store._shard_marker(test_set, shard, mode))
         self.buffer = np.full((self.n_test, self.width, *self.array.shape[2:]), np.nan, np.float32)
         self.filled = 0
@@ -197,8 +216,8 @@ class ShardWriter:
         while self._pending:
             self._pending.pop(0).result()
 
-    def close(self) -> None:
-        """Wait for the writer thread and stop it (also after a failure)."""
+    def _stop(self) -> None:
+        """Wait for the writer threads and stop them (also after a failure)."""
         try:
             self._drain()
         finally:
@@ -207,6 +226,13 @@ class ShardWriter:
                 self._wait_for_write()
             finally:
                 self._io.shutdown(wait=True)
+
+    def close(self) -> None:
+        """Stop the writer threads and give up the shard's lease (also after a failure)."""
+        try:
+            self._stop()
+        finally:
+            self._lease.release()
 
     # ---------------------------------------------------------------- writer thread
     def _consume(self, block: np.ndarray, offset: int) -> None:
@@ -264,7 +290,7 @@ class ShardWriter:
         self, data_fingerprint: str, ids: Sequence[int] | np.ndarray | None = None
     ) -> ShardResult:
         """Write what is left, the summaries, sync, and mark the shard complete."""
-        store, test_set, shard = self.store, self.test_set, self.shard
+        shard = self.shard
         if self.rows != self.expected_rows:
             self.close()
             raise StoreError(
@@ -272,8 +298,21 @@ class ShardWriter:
                 f"{self.expected_rows}; the shard is not marked complete (allocate it again if "
                 "its data changed)."
             )
-        self._pending.append(self._executor.submit(self._write_remaining))
-        self.close()
+        try:
+            self._pending.append(self._executor.submit(self._write_remaining))
+            self._stop()
+            return self._complete(data_fingerprint, ids)
+        finally:
+            self._lease.release()
+
+    def _complete(
+        self, data_fingerprint: str, ids: Sequence[int] | np.ndarray | None
+    ) -> ShardResult:
+        store, test_set, shard = self.store, self.test_set, self.shard
+        width = self.width
+        chunks = {
+            self._scores_key: _manifest(self.array, (self.start // width, self.stop // width))
+        }
         if ids is not None:
             shard_ids = _as_ids(ids, self.rows, f"ids of shard {shard!r}")
         elif self._ids:
@@ -281,18 +320,18 @@ class ShardWriter:
         else:
             shard_ids = np.arange(self.start, self.start + self.rows, dtype=np.int64)
         stats = _require_group(store.root, f"train_stats/{test_set}/{shard}")
-        _write(stats, "ids", shard_ids, ("train",))
+        chunks.update(_write(stats, "ids", shard_ids, ("train",)))
         score_min = score_max = float("nan")
         if self.mode is InfluenceMode.Up:
             total, low, high = (np.concatenate(column) for column in zip(*self._stats, strict=True))
             score_min, score_max = float(low.min()), float(high.max())
-            _write(stats, "sum", total, ("train",))
-            _write(stats, "min", low, ("train",))
-            _write(stats, "max", high, ("train",))
+            chunks.update(_write(stats, "sum", total, ("train",)))
+            chunks.update(_write(stats, "min", low, ("train",)))
+            chunks.update(_write(stats, "max", high, ("train",)))
             topk = _require_group(store.root, f"topk/{test_set}/{shard}")
             for name, tracker in (("helpful", self._helpful), ("harmful", self._harmful)):
-                _write(topk, f"{name}_values", tracker.values, ("test", "k"))
-                _write(topk, f"{name}_rows", tracker.positions, ("test", "k"))
+                chunks.update(_write(topk, f"{name}_values", tracker.values, ("test", "k")))
+                chunks.update(_write(topk, f"{name}_rows", tracker.positions, ("test", "k")))
         # the column blocks were synced as they were written; their directory entries now
         for row_chunk in range(self._row_chunks):
             store.location.sync_dir(f"{self._scores_key}/c/{row_chunk}")
@@ -307,11 +346,14 @@ class ShardWriter:
                 "columns": list(columns),
                 "data_fingerprint": data_fingerprint,
                 "factors_fingerprint": self.record["factors_fingerprint"],
+                "block_mapper_digest": self.record.get("block_mapper_digest"),
+                "loss": self.record.get("loss"),
                 "mode": self.mode.value,
                 "top_k": self.top_k,
                 "seconds": seconds,
                 "score_min": score_min,
                 "score_max": score_max,
+                "chunks": chunks,
             },
         )
         return ShardResult(
@@ -334,8 +376,21 @@ def score_shard(
     record = store.factors_record(test_set)
     stored = Provenance.from_json(record["provenance"])
     stored.check_matches(Provenance.of(influence), f"The factors of test set {test_set!r}")
+    made_with = record.get("block_mapper_digest")
+    if made_with is not None and state_digest(influence) != made_with:
+        raise ProvenanceMismatchError(
+            f"The factors of test set {test_set!r} were computed with the fitted state "
+            f"{made_with}, the influence model given has {state_digest(influence)}: score with "
+            "the block mapper the factors were computed with, or compute the factors again."
+        )
+    loss = _loss_name(influence.loss)
+    if record.get("loss") is not None and loss != record["loss"]:
+        raise ProvenanceMismatchError(
+            f"The factors of test set {test_set!r} were computed with loss {record['loss']!r}, "
+            f"the influence model given uses {loss!r}."
+        )
     writer = ShardWriter(store, test_set, shard, top_k=top_k, mode=mode)
-    values = store._read(f"factors/{test_set}/values", ...)
+    values, _ = store.read_factors(test_set)
     if not np.isfinite(values).all():
         raise IncompleteArtifactError(f"The stored factors of {test_set!r} contain NaN/inf.")
     factors = torch.from_numpy(values).to(
@@ -354,18 +409,14 @@ def score_shard(
         raise
 
 
-def _require_group(root: Any, path: str) -> Any:
-    """Open or create a group; a group another writer creates meanwhile is simply opened."""
-    group = root
-    for name in path.split("/"):
-        try:
-            group = group.require_group(name)
-        except zarr.errors.ContainsGroupError:
-            group = group[name]
-    return group
-
-
-def _write(group: Any, name: str, data: np.ndarray, dims: tuple[str, ...]) -> None:
-    group.create_array(
-        name, data=data, compressors=_checksum_codecs(), dimension_names=dims, overwrite=True
+def _write(group: Any, name: str, data: np.ndarray, dims: tuple[str, ...]) -> dict[str, Any]:
+    """Write one summary array; returns its manifest entry {path: grid}."""
+    array = group.create_array(
+        name,
+        data=data,
+        compressors=_checksum_codecs(),
+        dimension_names=dims,
+        overwrite=True,
+        config=WRITE_ALL_CHUNKS,
     )
+    return {array.path: _manifest(array)}

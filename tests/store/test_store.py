@@ -9,6 +9,7 @@ import time
 from collections import OrderedDict
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,7 +153,14 @@ def test_union_of_shards_equals_engine_influences(root):
     assert rel(full_matrix(store), expected) < FLOAT32_RTOL
     status = store.status()
     assert status == {
-        "val": {"factors": True, "complete": [f"shard-{i}" for i in range(8)], "missing": []}
+        "val": {
+            "factors": True,
+            "factors_state": "complete",
+            "complete": [f"shard-{i}" for i in range(8)],
+            "missing": [],
+            "stale": [],
+            "problems": {},
+        }
     }
     # padding columns stay NaN, the allocation is whole Zarr shards
     allocation = store.allocation("val")
@@ -168,10 +176,22 @@ def test_readers_tidy_table_topk_and_aggregates(root):
     x, y, xt, yt = w.data()
     expected = influence.influences(xt, yt, x, y).numpy()  # (30, 240); train id = 1000 + row
     table = store.scores_table("val", test_ids=[3, 7], train_ids=[1000, 1100, 1239])
-    assert list(table.columns) == ["test_id", "train_shard", "train_row", "train_id", "score"]
+    assert list(table.columns) == [
+        "test_id",
+        "test_position",
+        "train_id",
+        "train_shard",
+        "train_row",
+        "score",
+    ]
     assert len(table) == 6
     for row in table.itertuples():
         assert row.score == pytest.approx(expected[row.test_id, row.train_id - 1000], rel=1e-5)
+    # test points by position give the same rows (ids are 0..29 here: position = id)
+    by_position = store.scores_table("val", test_positions=[3, 7], train_ids=[1000, 1100, 1239])
+    pd.testing.assert_frame_equal(by_position, table)
+    with pytest.raises(StoreError, match=r"test_positions \[30\] are out of range"):
+        store.scores_table("val", test_positions=[30])
     everything = store.scores_table("val")
     assert len(everything) == 30 * 240
     top = store.top_k("val", 5)
@@ -339,7 +359,7 @@ def test_bad_input(tmp_path, root):
     with pytest.raises(StoreError, match="yielded 31 rows but was allocated with 29"):
         store.write_shard_scores("val", "shard-1", influence, w.shard_loader(0))
     assert store.status()["val"]["complete"] == []
-    with pytest.raises(StoreError, match="Invalid test set name"):
+    with pytest.raises(StoreError, match="Invalid test set 'a/b'"):
         store.write_factors("a/b", influence, [])
 
 
@@ -351,6 +371,8 @@ def test_non_finite_factors_are_refused(root):
     bad[9, 2] = float("nan")
     with pytest.raises(ValueError, match="Non-finite gradients"):
         store.write_factors("val", influence, DataLoader(TensorDataset(bad, yt), batch_size=4))
-    assert store.status("val") == {"val": {"factors": False, "complete": [], "missing": []}}
+    status = store.status("val")["val"]
+    assert (status["factors"], status["factors_state"]) == (False, "missing")
+    assert status["complete"] == status["missing"] == []
     with pytest.raises(IncompleteArtifactError, match="not complete"):
         store.read_factors("val")
