@@ -6,8 +6,8 @@ Kronfluence's virtual environment, which does not have influence_pipeline).
   Markov chain (structure to learn), trained briefly with Adam.
 * ``cnn``: Conv2d → ReLU → Conv2d(stride 2) → ReLU → Conv2d → ReLU → mean pool → Linear on
   3×16×16 images labelled by a random teacher CNN, trained briefly.
-* ``gpt2_small``: the GPT-2-small shape (12 layers, 768 wide, vocabulary 50,257, 124M
-  parameters) built with torch.nn, untrained (scaling rows only).
+* scaling rows: tied-embedding GPTs from about 1M parameters to the GPT-2-small shape
+  (12 layers, 768 wide, vocabulary 50,257, 124M parameters) built with torch.nn, untrained.
 """
 
 from __future__ import annotations
@@ -37,13 +37,17 @@ class Block(torch.nn.Module):
 
 
 class GPT(torch.nn.Module):
-    def __init__(self, vocab: int, d: int, layers: int, heads: int, max_len: int) -> None:
+    def __init__(
+        self, vocab: int, d: int, layers: int, heads: int, max_len: int, tied: bool = False
+    ) -> None:
         super().__init__()
         self.tok = torch.nn.Embedding(vocab, d)
         self.pos = torch.nn.Embedding(max_len, d)
         self.blocks = torch.nn.Sequential(*[Block(d, heads) for _ in range(layers)])
         self.ln = torch.nn.LayerNorm(d)
         self.head = torch.nn.Linear(d, vocab, bias=False)
+        if tied:  # GPT-2 ties the output layer to the token embedding
+            self.head.weight = self.tok.weight
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         positions = torch.arange(idx.shape[1], device=idx.device)
@@ -121,9 +125,19 @@ def loss_of(case: str):
     return loss
 
 
-def gpt2_small_shape(seed: int = 0) -> GPT:
+#: (width, layers, heads, vocabulary) of the scaling rows; the last is GPT-2 small (124M).
+SCALING_SHAPES = {
+    "1M": (128, 4, 4, 2048),
+    "10M": (320, 6, 5, 16384),
+    "124M": (768, 12, 12, 50257),
+}
+
+
+def scaling_model(name: str, max_len: int = 1024, seed: int = 0) -> GPT:
+    """A tied-embedding GPT of one of :data:`SCALING_SHAPES` (untrained)."""
+    d, layers, heads, vocab = SCALING_SHAPES[name]
     torch.manual_seed(seed)
-    return GPT(50257, 768, 12, 12, 1024).eval()
+    return GPT(vocab, d, layers, heads, max_len, tied=True).eval()
 
 
 def _train(model, x, y, loss, steps: int) -> None:
