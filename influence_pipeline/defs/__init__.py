@@ -16,7 +16,12 @@ import dagster as dg
 
 from ..workload import Workload
 from .assets import CODE_VERSIONS, build_assets
-from .automation import NIGHTLY_CRON, automation_condition, build_shard_sensor
+from .automation import (
+    NIGHTLY_CRON,
+    automation_condition,
+    build_dead_run_sensor,
+    build_shard_sensor,
+)
 from .checks import build_checks
 from .jobs import JOB_OF, MAIN_JOB, MAIN_JOBS, build_main_jobs
 from .resources import InfluenceStoreResource
@@ -25,7 +30,9 @@ SHARD_PARTITIONS = "train_shards"
 
 
 def build_definitions(
-    workload: Workload, store: str | None = None, gpu: bool | None = None
+    workload: Workload,
+    store: str | None = None,
+    gpu: bool | None = None,
 ) -> dg.Definitions:
     """All definitions for ``workload``; ``store`` overrides the workload's store root;
     ``gpu`` puts the scoring step in pool ``gpu`` (default: when torch sees a CUDA device)."""
@@ -45,6 +52,7 @@ def build_definitions(
         asset_checks=checks,
         sensors=[
             build_shard_sensor(workload, shards_def),
+            build_dead_run_sensor(),
             dg.AutomationConditionSensorDefinition(
                 "influence_automation",
                 target=dg.AssetSelection.all(),

@@ -12,9 +12,13 @@
   (02:00 UTC), again when it is still missing or its latest run failed (a run that died is
   retried by the next night at the latest). The whole-store checks carry
   :func:`nightly_check_condition`: they run once after each nightly tick.
+* ``dead_run_sensor`` (every 30 s, running by default) marks a started run whose worker
+  process is gone as failed; the instance retries such runs once and frees their pool
+  slots (``dagster_home/dagster.yaml``), so a killed scoring run needs no hand.
 """
 
 import json
+import os
 from typing import Any
 
 import dagster as dg
@@ -106,3 +110,66 @@ def build_shard_sensor(
         )
 
     return training_shard_sensor
+
+
+def _process_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live process on this machine (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): kill(0) said it exists
+        return True
+
+
+def dead_runs(instance: dg.DagsterInstance) -> list[tuple[Any, list[int]]]:
+    """STARTED runs whose worker processes (the pids their engine events name) are all gone:
+    killed or crashed without reporting. Only meaningful when runs execute on this machine
+    (the default run launcher); empty otherwise."""
+    if not isinstance(instance.run_launcher, dg.DefaultRunLauncher):
+        return []
+    found = []
+    for run in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.STARTED])):
+        records = instance.get_records_for_run(
+            run.run_id, of_type=dg.DagsterEventType.ENGINE_EVENT
+        ).records
+        pids = set()
+        for record in records:
+            event = record.event_log_entry.dagster_event
+            data = event.engine_event_data if event is not None else None
+            pid = data.metadata.get("pid") if data is not None else None
+            if pid is not None:
+                pids.add(int(str(pid.value)))
+        if pids and not any(_process_alive(pid) for pid in pids):
+            found.append((run, sorted(pids)))
+    return found
+
+
+def build_dead_run_sensor() -> dg.SensorDefinition:
+    """Marks runs whose worker died (SIGKILL, out of memory) as failed, so that run
+    retries (``dagster_home/dagster.yaml``: once, never for a failed step) launch them again
+    and run monitoring frees their pool slots. Dagster's own run monitoring cannot see
+    this under the default run launcher, which has no worker health check."""
+
+    @dg.sensor(
+        name="dead_run_sensor",
+        minimum_interval_seconds=30,
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description="Marks STARTED runs whose worker process is gone as failed (they are "
+        "retried once and their pool slots freed).",
+    )
+    def dead_run_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason | None:
+        dead = dead_runs(context.instance)
+        for run, pids in dead:
+            context.instance.report_run_failed(
+                run, f"The run's worker process ({', '.join(map(str, pids))}) is gone."
+            )
+            context.log.warning(f"Run {run.run_id} ({run.job_name}): worker gone, failed.")
+        return None if dead else dg.SkipReason("every started run has a live worker")
+
+    return dead_run_sensor
