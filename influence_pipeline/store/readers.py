@@ -37,7 +37,7 @@ def _complete_shards(
 ) -> list[str]:
     order = store.allocation(test_set)["order"]
     names = order if shards is None else [store.resolve_shard(test_set, s) for s in shards]
-    factors = store.factors_state(test_set)
+    factors = store.factors_state(test_set, check_chunks=False)
     states = {s: store.shard_state(test_set, s, _factors=factors) for s in names}
     incomplete = [s for s in names if not states[s].complete]
     if incomplete and not allow_incomplete:
