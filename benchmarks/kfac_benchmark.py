@@ -359,8 +359,8 @@ def print_case(case: str, entry: dict[str, Any], ranks: list[int]) -> None:
     if "ours_vs_kronfluence" in entry:
         a = entry["ours_vs_kronfluence"]
         print(
-            f"\nours vs Kronfluence (exact): Pearson mean {a['pearson_mean']:.5f}, min "
-            f"{a['pearson_min']:.5f}; Spearman mean {a['spearman_mean']:.5f}"
+            f"\nours vs Kronfluence (exact): 1 − Pearson mean {1 - a['pearson_mean']:.1e}, "
+            f"max {1 - a['pearson_min']:.1e}; 1 − Spearman mean {1 - a['spearman_mean']:.1e}"
         )
     print("\n| rank | ours: Pearson mean / min vs exact | Spearman | Kronfluence: Pearson mean |")
     print("|---|---|---|---|")

@@ -83,6 +83,11 @@ class QueryFactors:
     def n_rows(self) -> int:
         return next(iter(self.layers.values())).n_rows
 
+    @property
+    def modules(self) -> list[str]:
+        """Names of the layers, in order (the ``modules`` of the EK-FAC that made them)."""
+        return list(self.layers)
+
     def __len__(self) -> int:
         return self.n_rows
 
