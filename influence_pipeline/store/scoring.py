@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
@@ -169,6 +170,12 @@ class ShardWriter:
             f"_status/{self._scores_key}/{shard}.lease",
             f"Shard {shard!r} of test set {test_set!r} ({mode.value} scores)",
         )
+        # the claim: the marker this writer writes is valid only while the claim is its own,
+        # so on a store without leases a later writer's start voids an earlier writer's
+        # marker, and an earlier writer that finishes after it writes none
+        self._token = uuid.uuid4().hex
+        self._claim_key = store._claim_key(test_set, shard, mode)
+        store.location.write_json(self._claim_key, {"writer": self._token})
         store.location.delete(store._shard_marker(test_set, shard, mode))
         self.buffer = np.full((self.n_test, self.width, *self.array.shape[2:]), np.nan, np.float32)
         self.filled = 0
@@ -264,7 +271,9 @@ class ShardWriter:
 
     def _write_block(self, buffer: np.ndarray, column: int) -> None:
         """Write one column block and make it durable (here, so that the fsync overlaps
-        with filling the other buffer rather than delaying ``finish``)."""
+        with filling the other buffer rather than delaying ``finish``). A writer whose claim
+        was taken over stops before writing over the new writer's blocks."""
+        self._check_claim()
         self.array[:, column : column + self.width] = buffer
         block = column // self.width
         for row_chunk in range(self._row_chunks):
@@ -305,6 +314,15 @@ class ShardWriter:
         finally:
             self._lease.release()
 
+    def _check_claim(self) -> None:
+        claim = self.store.location.read_json(self._claim_key)
+        if claim is None or claim.get("writer") != self._token:
+            raise StoreError(
+                f"Another writer claimed shard {self.shard!r} of {self.test_set!r} while this "
+                "one was writing; this writer marks nothing complete (the other writer's "
+                "finish does, or run it again)."
+            )
+
     def _complete(
         self, data_fingerprint: str, ids: Sequence[int] | np.ndarray | None
     ) -> ShardResult:
@@ -319,6 +337,7 @@ class ShardWriter:
             shard_ids = np.concatenate(self._ids)
         else:
             shard_ids = np.arange(self.start, self.start + self.rows, dtype=np.int64)
+        self._check_claim()
         stats = _require_group(store.root, f"train_stats/{test_set}/{shard}")
         chunks.update(_write(stats, "ids", shard_ids, ("train",)))
         score_min = score_max = float("nan")
@@ -339,6 +358,7 @@ class ShardWriter:
         store.location.sync_tree(f"topk/{test_set}/{shard}")
         seconds = time.perf_counter() - self._started
         columns = (self.start, self.start + self.rows)
+        self._check_claim()
         store.location.write_json(
             store._shard_marker(test_set, shard, self.mode),
             {
@@ -354,6 +374,7 @@ class ShardWriter:
                 "score_min": score_min,
                 "score_max": score_max,
                 "chunks": chunks,
+                "writer": self._token,
             },
         )
         return ShardResult(

@@ -979,6 +979,10 @@ class InfluenceStore:
         run neither completes nor invalidates the up-weighting scores)."""
         return f"_status/{self._scores_path(test_set, mode)}/{shard}.json"
 
+    def _claim_key(self, test_set: str, shard: str, mode: Any = "up") -> str:
+        """The claim of the shard's latest writer (a token its marker must carry)."""
+        return f"_status/{self._scores_path(test_set, mode)}/{shard}.claim"
+
     def resolve_shard(self, test_set: str, shard: str | int) -> str:
         order = self.allocation(test_set)["order"]
         if isinstance(shard, int) and not isinstance(shard, bool):
@@ -1055,6 +1059,17 @@ class InfluenceStore:
             return ArtifactState("damaged", str(error))
         if record is None:
             return ArtifactState("missing", "not scored (no completion marker)")
+        if "writer" in record:
+            try:
+                claim = self.location.read_json(self._claim_key(test_set, name, mode))
+            except StoreCorruptionError as error:
+                return ArtifactState("damaged", str(error))
+            if claim is not None and claim.get("writer") != record["writer"]:
+                return ArtifactState(
+                    "missing",
+                    "another writer has started on it since it was marked (still writing, or "
+                    "it died: score it again)",
+                )
         allocated = self.allocation(test_set)["shards"][name]
         if record.get("columns") != [allocated["start"], allocated["start"] + allocated["n_rows"]]:
             return ArtifactState("missing", "re-allocated since it was scored")

@@ -265,6 +265,38 @@ def test_a_second_writer_of_a_shard_is_refused_while_the_first_runs(tmp_path):
     assert np.linalg.norm(totals - expected.sum(0)) < 1e-5 * np.linalg.norm(expected.sum(0))
 
 
+class _NoLease:
+    def release(self) -> None:
+        pass
+
+
+def test_without_leases_the_marker_belongs_to_the_latest_writer(root, monkeypatch):
+    """Object storage has no lease: the latest writer's claim decides whose data is marked."""
+    from influence_pipeline.store import ShardWriter
+
+    store, _ = w.prepare(root)
+    monkeypatch.setattr(StoreLocation, "lease", lambda self, key, what: _NoLease())
+    n = w.SHARD_ROWS[0]
+    first, second = np.random.default_rng(0).standard_normal((2, w.N_TEST, n)).astype(np.float32)
+    a = ShardWriter(store, "val", "shard-0")
+    a.add(first[:, :20])
+    b = ShardWriter(store, "val", "shard-0")  # a staggered start
+    b.add(second)
+    a.add(first[:, 20:])
+    with pytest.raises(StoreError, match="Another writer claimed shard 'shard-0'"):
+        a.finish("a")
+    assert store.shard_record("val", "shard-0") is None  # b is still writing
+    b.finish("b")
+    stored = store.scores_table("val", shards=["shard-0"]).score.to_numpy()
+    np.testing.assert_array_equal(stored.reshape(w.N_TEST, n), second)
+    sums = store.train_aggregates("val", shards=["shard-0"]).score_sum.to_numpy()
+    np.testing.assert_allclose(sums, second.sum(axis=0, dtype=np.float64), rtol=1e-12)
+    # a writer that starts after a marker was written voids it, even if it then dies
+    c = ShardWriter(store, "val", "shard-0")
+    assert store.shard_state("val", "shard-0").state == "missing"
+    c.close()  # killed: the shard stays incomplete until scored again
+
+
 def test_the_memory_store_lease_excludes_a_second_writer():
     store, _ = w.prepare("memory://lease-test")
     from influence_pipeline.store import ShardWriter
