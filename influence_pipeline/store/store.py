@@ -186,10 +186,13 @@ def _config_key(influence: Any) -> str:
     return json.dumps(influence._config(), sort_keys=True, default=str)
 
 
-def state_digest(influence: Any) -> str:
+def state_digest(influence: Any) -> str | None:
     """Digest of a fitted influence model's state (as :meth:`InfluenceStore.save_block_mapper`
-    records it). Cached on the object for its current configuration, so a method loaded
-    from the store or saved to it is not hashed again."""
+    records it), or None for an object without one (a stand-in that only computes
+    factors). Cached on the object for its current configuration, so a method loaded from
+    the store or saved to it is not hashed again."""
+    if not hasattr(influence, "_fitted_state") or not hasattr(influence, "_config"):
+        return None
     key = _config_key(influence)
     cached = getattr(influence, "_store_state_digest", None)
     if cached is not None and cached[0] == key:
