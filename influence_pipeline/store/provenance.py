@@ -4,14 +4,17 @@ A fingerprint is a BLAKE2b-128 digest over names, dtypes, shapes and raw bytes o
 in a fixed order: the model fingerprint hashes the state dict (parameters and buffers);
 a data fingerprint hashes the (x, y) tensors of every batch of a loader in order. Two
 runs on the same weights and data give the same fingerprints on any machine with the same
-byte order. torch is imported only where a tensor is hashed, so reading a store needs no
-torch.
+byte order. :func:`state_digest` is the digest of a fitted influence model's state, the
+identity of a block mapper. torch is imported only where a tensor is hashed, so reading a
+store needs no torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
+import json
 import platform
 import sys
 from collections.abc import Iterable, Mapping
@@ -192,3 +195,65 @@ def _normalise(value: Any) -> Any:
     import json
 
     return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+def state_meta(state: Any) -> tuple[dict[str, Any], str]:
+    """(JSON description, digest) of a fitted state: the digest covers the description
+    and every tensor's bytes."""
+    meta = {
+        "method": state.method,
+        "config": state.config,
+        "loss": state.loss,
+        "blocks": [
+            {
+                "name": b.name,
+                "parameters": b.parameters,
+                "attrs": b.attrs,
+                "tensors": sorted(b.tensors),
+            }
+            for b in state.blocks
+        ],
+    }
+    tensor_digest = tensors_fingerprint(
+        (f"{i}/{k}", b.tensors[k]) for i, b in enumerate(state.blocks) for k in sorted(b.tensors)
+    )
+    digest = hashlib.blake2b(
+        (json.dumps(meta, sort_keys=True, default=str) + tensor_digest).encode(), digest_size=16
+    ).hexdigest()
+    return meta, digest
+
+
+def _config_key(influence: Any) -> str:
+    return json.dumps(influence._config(), sort_keys=True, default=str)
+
+
+def state_digest(influence: Any) -> str | None:
+    """Digest of a fitted influence model's state (as :meth:`InfluenceStore.save_block_mapper`
+    records it), or None for an object without one (a stand-in that only computes
+    factors). Cached on the object for its current configuration, so a method loaded from
+    the store or saved to it is not hashed again."""
+    if not hasattr(influence, "_fitted_state") or not hasattr(influence, "_config"):
+        return None
+    key = _config_key(influence)
+    cached = getattr(influence, "_store_state_digest", None)
+    if cached is not None and cached[0] == key:
+        return str(cached[1])
+    from ..influence.state import fitted_state
+
+    _, digest = state_meta(fitted_state(influence))
+    remember_digest(influence, digest)
+    return digest
+
+
+def remember_digest(influence: Any, digest: str) -> None:
+    # an object without a __dict__ is simply hashed again next time
+    with contextlib.suppress(AttributeError):
+        influence._store_state_digest = (_config_key(influence), digest)
+
+
+def loss_name(loss: Any) -> str | None:
+    if loss is None:
+        return None
+    module = getattr(loss, "__module__", None) or type(loss).__module__
+    name = getattr(loss, "__qualname__", None) or type(loss).__qualname__
+    return f"{module}.{name}"

@@ -28,19 +28,16 @@ import numpy as np
 import torch
 
 from ..influence.types import InfluenceMode
+from .chunks import WRITE_ALL_CHUNKS, manifest
 from .errors import IncompleteArtifactError, ProvenanceMismatchError, StoreError
-from .provenance import DataHasher, Provenance
+from .provenance import DataHasher, Provenance, loss_name, state_digest
 from .store import (
-    WRITE_ALL_CHUNKS,
     ShardResult,
     _as_ids,
     _checksum_codecs,
-    _loss_name,
-    _manifest,
     _require_group,
     _split_item,
     mode_value,
-    state_digest,
 )
 
 if TYPE_CHECKING:
@@ -328,9 +325,7 @@ class ShardWriter:
     ) -> ShardResult:
         store, test_set, shard = self.store, self.test_set, self.shard
         width = self.width
-        chunks = {
-            self._scores_key: _manifest(self.array, (self.start // width, self.stop // width))
-        }
+        chunks = {self._scores_key: manifest(self.array, (self.start // width, self.stop // width))}
         if ids is not None:
             shard_ids = _as_ids(ids, self.rows, f"ids of shard {shard!r}")
         elif self._ids:
@@ -404,7 +399,7 @@ def score_shard(
             f"{made_with}, the influence model given has {state_digest(influence)}: score with "
             "the block mapper the factors were computed with, or compute the factors again."
         )
-    loss = _loss_name(influence.loss)
+    loss = loss_name(influence.loss)
     if record.get("loss") is not None and loss != record["loss"]:
         raise ProvenanceMismatchError(
             f"The factors of test set {test_set!r} were computed with loss {record['loss']!r}, "
@@ -440,4 +435,4 @@ def _write(group: Any, name: str, data: np.ndarray, dims: tuple[str, ...]) -> di
         overwrite=True,
         config=WRITE_ALL_CHUNKS,
     )
-    return {array.path: _manifest(array)}
+    return {array.path: manifest(array)}

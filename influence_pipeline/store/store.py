@@ -21,10 +21,8 @@ Correctness rests on four rules, each checked where an artifact is read:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import itertools
-import json
 import math
 import os
 import re
@@ -39,6 +37,14 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from .chunks import (
+    WRITE_ALL_CHUNKS,
+    grid_keys,
+    locate_bad_chunk,
+    looks_like_corruption,
+    manifest,
+    selection_chunks,
+)
 from .errors import (
     IncompleteArtifactError,
     ProvenanceMismatchError,
@@ -47,7 +53,15 @@ from .errors import (
     StoreError,
 )
 from .location import StoreLocation
-from .provenance import DataHasher, Provenance, model_fingerprint, tensors_fingerprint
+from .provenance import (
+    DataHasher,
+    Provenance,
+    loss_name,
+    model_fingerprint,
+    remember_digest,
+    state_digest,
+    state_meta,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -57,9 +71,6 @@ CHUNK_BYTES = 4 << 20
 #: Target size of one chunk of scores; a column block (the unit a training shard owns) is
 #: one chunk wide, and a shard writer buffers one column block (n_test × width float32).
 SCORE_CHUNK_BYTES = 8 << 20
-#: Write every chunk, even one equal to the fill value, so that a missing chunk file is
-#: always damage (Zarr's default skips such chunks and reads them back as fill values).
-WRITE_ALL_CHUNKS: Any = {"write_empty_chunks": True}
 #: Values of :class:`~influence_pipeline.influence.InfluenceMode` (kept as strings here so
 #: that reading a store imports no torch).
 MODES = ("up", "perturbation")
@@ -156,121 +167,6 @@ def _as_ids(ids: Any, n: int, what: str) -> np.ndarray:
     return array.astype(np.int64)
 
 
-def _state_meta(state: Any) -> tuple[dict[str, Any], str]:
-    """(JSON description, digest) of a fitted state: the digest covers the description
-    and every tensor's bytes."""
-    meta = {
-        "method": state.method,
-        "config": state.config,
-        "loss": state.loss,
-        "blocks": [
-            {
-                "name": b.name,
-                "parameters": b.parameters,
-                "attrs": b.attrs,
-                "tensors": sorted(b.tensors),
-            }
-            for b in state.blocks
-        ],
-    }
-    tensor_digest = tensors_fingerprint(
-        (f"{i}/{k}", b.tensors[k]) for i, b in enumerate(state.blocks) for k in sorted(b.tensors)
-    )
-    digest = hashlib.blake2b(
-        (json.dumps(meta, sort_keys=True, default=str) + tensor_digest).encode(), digest_size=16
-    ).hexdigest()
-    return meta, digest
-
-
-def _config_key(influence: Any) -> str:
-    return json.dumps(influence._config(), sort_keys=True, default=str)
-
-
-def state_digest(influence: Any) -> str | None:
-    """Digest of a fitted influence model's state (as :meth:`InfluenceStore.save_block_mapper`
-    records it), or None for an object without one (a stand-in that only computes
-    factors). Cached on the object for its current configuration, so a method loaded from
-    the store or saved to it is not hashed again."""
-    if not hasattr(influence, "_fitted_state") or not hasattr(influence, "_config"):
-        return None
-    key = _config_key(influence)
-    cached = getattr(influence, "_store_state_digest", None)
-    if cached is not None and cached[0] == key:
-        return str(cached[1])
-    from ..influence.state import fitted_state
-
-    _, digest = _state_meta(fitted_state(influence))
-    _remember_digest(influence, digest)
-    return digest
-
-
-def _remember_digest(influence: Any, digest: str) -> None:
-    # an object without a __dict__ is simply hashed again next time
-    with contextlib.suppress(AttributeError):
-        influence._store_state_digest = (_config_key(influence), digest)
-
-
-def _loss_name(loss: Any) -> str | None:
-    if loss is None:
-        return None
-    module = getattr(loss, "__module__", None) or type(loss).__module__
-    name = getattr(loss, "__qualname__", None) or type(loss).__qualname__
-    return f"{module}.{name}"
-
-
-def _grid_keys(
-    shape: Sequence[int], chunks: Sequence[int], columns: tuple[int, int] | None = None
-) -> list[str]:
-    """Chunk keys ('c/i/j', 'c' for 0-d) of an array's chunk grid; ``columns`` restricts
-    the second axis to the chunk indices [first, stop)."""
-    if any(int(s) == 0 for s in shape):
-        return []
-    grid: list[Iterable[int]] = [
-        range(math.ceil(s / c)) for s, c in zip(shape, chunks, strict=True)
-    ]
-    if columns is not None:
-        grid[1] = range(*columns)
-    return ["/".join(["c", *map(str, coords)]) for coords in itertools.product(*grid)]
-
-
-def _manifest(array: zarr.Array, columns: tuple[int, int] | None = None) -> dict[str, Any]:
-    """What a completion record keeps of an array: its grid, to find missing chunks."""
-    entry: dict[str, Any] = {"shape": list(array.shape), "chunks": list(array.chunks)}
-    if columns is not None:
-        entry["columns"] = list(columns)
-    return entry
-
-
-def _selection_chunks(
-    selection: Any, shape: Sequence[int], chunks: Sequence[int]
-) -> list[list[int]]:
-    """Per axis, the chunk indices that ``array[selection]`` (or an orthogonal selection)
-    touches."""
-    items = list(selection) if isinstance(selection, tuple) else [selection]
-    if any(item is Ellipsis for item in items):
-        at = next(i for i, item in enumerate(items) if item is Ellipsis)
-        items = items[:at] + [slice(None)] * (len(shape) - len(items) + 1) + items[at + 1 :]
-    items += [slice(None)] * (len(shape) - len(items))
-    result: list[list[int]] = []
-    for item, n, c in zip(items, shape, chunks, strict=True):
-        if n == 0:
-            result.append([])
-        elif isinstance(item, slice):
-            start, stop, step = item.indices(n)
-            if step == 1:
-                result.append(list(range(start // c, (stop - 1) // c + 1)) if stop > start else [])
-            else:
-                result.append(sorted({i // c for i in range(start, stop, step)}))
-        elif isinstance(item, (int, np.integer)):
-            result.append([(int(item) % n) // c])
-        else:
-            index = np.asarray(item)
-            if index.dtype == bool:
-                index = np.flatnonzero(index)
-            result.append(sorted(set((index.astype(np.int64) % n // c).tolist())))
-    return result
-
-
 class InfluenceStore:
     """One store per workload (see the package docstring for the layout and the rules).
 
@@ -351,7 +247,7 @@ class InfluenceStore:
         there, or None."""
         for path, entry in (chunks or {}).items():
             columns = entry.get("columns")
-            keys = _grid_keys(
+            keys = grid_keys(
                 entry["shape"], entry["chunks"], None if columns is None else tuple(columns)
             )
             missing = self._missing_chunks(path, keys)
@@ -422,7 +318,7 @@ class InfluenceStore:
         chunk that fails its checksum raises :class:`StoreCorruptionError` naming the
         array and the chunk (see :meth:`_damaged`)."""
         array = self._array(path)
-        touched = _selection_chunks(selection, array.shape, array.chunks)
+        touched = selection_chunks(selection, array.shape, array.chunks)
         coords_list = list(itertools.product(*touched)) if all(touched) else []
         keys = ["/".join(["c", *map(str, c)]) for c in coords_list]
         missing = self._missing_chunks(path, keys)
@@ -441,9 +337,9 @@ class InfluenceStore:
                 return np.asarray(array.get_orthogonal_selection(selection))
             return np.asarray(array[selection])
         except (ValueError, RuntimeError, OSError) as error:
-            if not _looks_like_corruption(error):
+            if not looks_like_corruption(error):
                 raise
-            bad = _locate_bad_chunk(array, coords_list)
+            bad = locate_bad_chunk(array, coords_list)
             raise self._damaged(
                 path,
                 f"{'chunk ' + str(bad) if bad is not None else 'a chunk'} fails to decode "
@@ -463,7 +359,7 @@ class InfluenceStore:
 
         self._writable()
         state = fitted_state(influence)
-        meta, digest = _state_meta(state)
+        meta, digest = state_meta(state)
         provenance = Provenance.of(
             influence, **({"fit": fit_data_fingerprint} if fit_data_fingerprint else {})
         )
@@ -485,13 +381,13 @@ class InfluenceStore:
                         dimension_names=tuple(f"dim_{d}" for d in range(data.ndim)),
                         config=WRITE_ALL_CHUNKS,
                     )
-                    chunks[f"block_mapper/{version}/b{i}/{name}"] = _manifest(array)
+                    chunks[f"block_mapper/{version}/b{i}/{name}"] = manifest(array)
             self.location.sync_tree(f"block_mapper/{version}")
             vgroup.attrs.update({"chunks": chunks, "complete": True})
         group.attrs.update(
             {"current": version, "digest": digest, "provenance": provenance.to_json()}
         )
-        _remember_digest(influence, digest)
+        remember_digest(influence, digest)
         return digest
 
     def _version_intact(self, version: str) -> bool:
@@ -565,10 +461,10 @@ class InfluenceStore:
                 f"{provenance.model_fingerprint}, this model {fingerprint})."
             )
         meta: dict[str, Any] = _attrs(self.root[f"block_mapper/{info['current']}"])["state"]
-        if loss is not None and meta["loss"] is not None and _loss_name(loss) != meta["loss"]:
+        if loss is not None and meta["loss"] is not None and loss_name(loss) != meta["loss"]:
             raise ProvenanceMismatchError(
                 f"The block mapper was fitted with loss {meta['loss']!r}, not "
-                f"{_loss_name(loss)!r}: fit it again with this loss, or pass its own loss."
+                f"{loss_name(loss)!r}: fit it again with this loss, or pass its own loss."
             )
         blocks = []
         for i, block in enumerate(meta["blocks"]):
@@ -581,7 +477,7 @@ class InfluenceStore:
             blocks.append(BlockState(block["name"], block["parameters"], block["attrs"], tensors))
         state = FittedState(meta["method"], meta["config"], meta["loss"], blocks)
         influence = restore_influence(state, model, loss, data)
-        _remember_digest(influence, info["digest"])
+        remember_digest(influence, info["digest"])
         return influence
 
     # ================================================================== factors
@@ -698,9 +594,9 @@ class InfluenceStore:
                 "seconds": time.perf_counter() - start_time,
                 **(annotations or {}),
                 "block_mapper_digest": digest,
-                "loss": _loss_name(influence.loss),
+                "loss": loss_name(influence.loss),
                 "path": path,
-                "chunks": {f"{path}/values": _manifest(values), f"{path}/ids": _manifest(id_array)},
+                "chunks": {f"{path}/values": manifest(values), f"{path}/ids": manifest(id_array)},
                 "provenance": provenance.to_json(),
             }
             vgroup.attrs.update({k: v for k, v in record.items() if k != "chunks"})
@@ -1223,7 +1119,7 @@ class InfluenceStore:
                 overwrite=True,
                 config=WRITE_ALL_CHUNKS,
             )
-            chunks[f"{group_path}/{key}"] = _manifest(created)
+            chunks[f"{group_path}/{key}"] = manifest(created)
         self.location.sync_tree(group_path)
         shard_group.attrs.update({**attrs, "chunks": chunks, "complete": True})
 
@@ -1332,27 +1228,3 @@ def _default_block_width(n_test: int, shard_rows: Sequence[int]) -> int:
     cap = max(64, SCORE_CHUNK_BYTES // (4 * min(max(1, n_test), 2048)))
     width = min(cap, max(shard_rows) if shard_rows else cap)
     return 64 * math.ceil(width / 64) if width >= 64 else max(1, width)
-
-
-def _looks_like_corruption(error: BaseException) -> bool:
-    text = str(error).lower()
-    return any(
-        s in text for s in ("checksum", "decompress", "corrupt", "unexpected", "buffer", "invalid")
-    )
-
-
-def _locate_bad_chunk(
-    array: zarr.Array, candidates: Sequence[Sequence[int]]
-) -> tuple[int, ...] | None:
-    """The first of the ``candidates`` chunks (grid coordinates) that cannot be read back."""
-    chunks = array.chunks
-    for coords in candidates:
-        region = tuple(
-            slice(i * c, min((i + 1) * c, s))
-            for i, c, s in zip(coords, chunks, array.shape, strict=True)
-        )
-        try:
-            array[region]
-        except Exception:
-            return tuple(int(i) for i in coords)
-    return None
