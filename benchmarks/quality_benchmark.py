@@ -44,7 +44,7 @@ from influence_pipeline.examples.digits_memorizing import (
     memorizing_data,
     retrainer,
 )
-from influence_pipeline.quality import flag_quality
+from influence_pipeline.quality import average_precision, flag_quality, spearman
 from influence_pipeline.quality.lds import lds, predicted_losses, sample_subsets
 from influence_pipeline.quality.mislabel import (
     mean_rank,
@@ -79,6 +79,10 @@ def _model_from_state(state: Mapping[str, torch.Tensor]) -> torch.nn.Module:
     model = make_model()
     model.load_state_dict(state)
     return model.eval().double()
+
+
+def show(row: Mapping[str, Any]) -> None:
+    print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
 
 
 def write(frame: pd.DataFrame, out: Path, name: str, title: str) -> None:
@@ -225,7 +229,7 @@ def retrained_losses(args: argparse.Namespace, cache: Path) -> dict[str, np.ndar
             )
     result.update({k: np.stack(v, axis=1) for k, v in losses.items()})
     cache.mkdir(parents=True, exist_ok=True)
-    np.savez(path, **result)
+    np.savez(path, **result)  # type: ignore[arg-type]
     return result
 
 
@@ -337,6 +341,146 @@ def run_lds(args: argparse.Namespace, out: Path) -> None:
     )
 
 
+# ---------------------------------------------------------------- λ and rank sweeps
+
+LAMBDAS = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+def sweep_specs() -> dict[str, MethodSpec]:
+    """The methods of the λ sweep at their default rank (CG and LiSSA converge to Direct's
+    answer at every λ and cost far more, so Direct stands for them)."""
+    return {
+        "direct": MethodSpec("direct", 1e-2),
+        "arnoldi r50": MethodSpec("arnoldi", 1e-2, rank=50, options={"seed": 0}),
+        "arnoldi r50 woodbury": MethodSpec(
+            "arnoldi", 1e-2, rank=50, options={"seed": 0, "use_woodbury": True}
+        ),
+        "nystroem r50": MethodSpec("nystroem", 1e-2, rank=50, options={"seed": 0}),
+        "ekfac": MethodSpec("ekfac", 1e-2),
+        "ihm": MethodSpec("ihm", 1e-2),
+    }
+
+
+def run_lambda(args: argparse.Namespace, out: Path) -> None:
+    retrained = retrained_losses(args, Path("bench_results") / "quality-cache")
+    data, model, x, y = bundled_setup()
+    rows = []
+    for name, spec in sweep_specs().items():
+        influence = fit(spec, model, x, y)
+        for lam in LAMBDAS:
+            influence.with_regularization(lam)
+            row: dict[str, Any] = {"method": name, "lambda": lam}
+            for test_set in data.test_sets:
+                row.update(
+                    lds_row(test_scores(influence, data, x, y, test_set), retrained, test_set)
+                )
+            rows.append(row)
+            print(
+                {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+                flush=True,
+            )
+    for method in ("arnoldi", "nystroem"):
+        for rank in (10, 25, 50, 100, 200, 400):
+            for woodbury in (False, True) if method == "arnoldi" else (True,):
+                options: dict[str, Any] = {"seed": 0}
+                if method == "arnoldi":
+                    options["use_woodbury"] = woodbury
+                spec = MethodSpec(method, 1e-2, rank=rank, options=options)
+                influence = fit(spec, model, x, y)
+                label = f"{method} r{rank}" + (" woodbury" if woodbury else "")
+                row = {"method": label, "lambda": 1e-2}
+                for test_set in data.test_sets:
+                    row.update(
+                        lds_row(test_scores(influence, data, x, y, test_set), retrained, test_set)
+                    )
+                rows.append(row)
+                print(
+                    {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
+                    flush=True,
+                )
+    table = pd.DataFrame(rows)
+    write(
+        table,
+        out,
+        "lambda_sweep",
+        f"LDS against λ and rank (bundled digits, M = {args.subsets}, α = {args.fraction})",
+    )
+    _plot_lambda(table[table.method.isin(sweep_specs())], out / "lambda_sweep.png")
+
+
+def _plot_lambda(table: pd.DataFrame, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, group in table.groupby("method", sort=False):
+        ax.plot(group["lambda"], group["lds holdout"], marker="o", label=str(name))
+    ax.set_xscale("log")
+    ax.set_xlabel("regularization λ")
+    ax.set_ylabel("LDS (holdout)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- methods comparison
+
+
+def run_methods(args: argparse.Namespace, out: Path) -> None:
+    from benchmarks.bench_common import MemoryMeter
+
+    retrained = retrained_losses(args, Path("bench_results") / "quality-cache")
+    data, model, x, y = bundled_setup()
+    xt, yt, _ = data.test_sets["validation"]
+    x_test, y_test = torch.from_numpy(xt).double(), torch.from_numpy(yt)
+    memorizing = memorizing_data(0)
+    mem_model = _model_from_state(torch.load(memorizing_checkpoints(seed=0)[-1], weights_only=True))
+    mx, my = torch.from_numpy(memorizing.x_train).double(), torch.from_numpy(memorizing.y_train)
+    rows, reference = [], None
+    for name, spec in DEFAULT_SPECS.items():
+        meter = MemoryMeter(torch.device("cpu"))
+        start = time.perf_counter()
+        influence = fit(spec, model, x, y)
+        fitted = time.perf_counter()
+        factors = influence.influence_factors(x_test, y_test)
+        factored = time.perf_counter()
+        scores = influence.influences_from_factors(factors, x, y).detach().numpy()
+        scored = time.perf_counter()
+        peak = meter.peak_mb()
+        if reference is None:
+            reference = scores
+        row: dict[str, Any] = {
+            "method": name,
+            "fit s": fitted - start,
+            "factors s": factored - fitted,
+            "scores s": scored - factored,
+            "peak MB": peak,
+            "pearson vs direct": float(np.corrcoef(scores.ravel(), reference.ravel())[0, 1]),
+            "spearman vs direct": float(
+                np.nanmean(spearman(scores, reference))  # per test point, over training points
+            ),
+            **lds_row(scores, retrained, "validation"),
+        }
+        if name in RANKING_METHODS:
+            mem_influence = fit(spec, mem_model, mx, my)
+            row["mislabel ap (memorizing)"] = average_precision(
+                self_influences(mem_influence, mx, my), flipped_mask(memorizing)
+            )
+        rows.append(row)
+        show(row)
+    table = pd.DataFrame(rows)
+    write(
+        table,
+        out,
+        "methods",
+        "Methods at their defaults (bundled digits, validation, float64, 1 thread; "
+        "mislabel AP from self-influence on the memorizing workload, seed 0)",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("what", choices=["mislabel", "lds", "lambda", "methods"])
@@ -350,7 +494,8 @@ def main() -> None:
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("bench_results") / f"quality-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
-    {"mislabel": run_mislabel, "lds": run_lds}[args.what](args, out)
+    runs = {"mislabel": run_mislabel, "lds": run_lds, "lambda": run_lambda, "methods": run_methods}
+    runs[args.what](args, out)
 
 
 if __name__ == "__main__":
