@@ -3,7 +3,8 @@
 This module imports torch only, so it runs unchanged under the project's interpreter and
 under the separate pyDVL interpreter. It defines what both sides measure, identically:
 
-* the model (:func:`build_mlp`: Linear/Tanh layers, built the same way on both sides and
+* the model (:func:`build_model`: an MLP of Linear/Tanh layers or a small CNN of
+  Conv2d/ReLU/MaxPool layers with a Linear head, built the same way on both sides and
   loaded from the same state dict) and the data (tensors saved by the orchestrator);
 * one measurement (:func:`measure`): construct the influence method with the given
   constructor arguments, then time ``fit(loader)``, ``influence_factors(x_test, y_test)``
@@ -61,6 +62,30 @@ def build_mlp(layer_sizes: list[int]) -> torch.nn.Sequential:
     return torch.nn.Sequential(*modules)
 
 
+def build_cnn(
+    in_shape: list[int], channels: list[int], hidden: int, classes: int
+) -> torch.nn.Sequential:
+    """3x3 same-padding convolutions (ReLU) of the given widths, a 2x2 max-pool after the
+    last, then Linear(hidden) + ReLU + Linear(classes): the classifier CNN of the cases."""
+    c, h, w = in_shape
+    modules: list[torch.nn.Module] = []
+    for width in channels:
+        modules += [torch.nn.Conv2d(c, width, 3, padding=1), torch.nn.ReLU()]
+        c = width
+    modules += [torch.nn.MaxPool2d(2), torch.nn.Flatten()]
+    modules += [torch.nn.Linear(c * (h // 2) * (w // 2), hidden), torch.nn.ReLU()]
+    modules.append(torch.nn.Linear(hidden, classes))
+    return torch.nn.Sequential(*modules)
+
+
+def build_model(config: dict[str, Any]) -> torch.nn.Sequential:
+    """The case's model: ``config["cnn"]`` (keyword arguments of :func:`build_cnn`) or an
+    MLP of ``config["layer_sizes"]``."""
+    if config.get("cnn"):
+        return build_cnn(**config["cnn"])
+    return build_mlp(config["layer_sizes"])
+
+
 @dataclass
 class Case:
     """A loaded benchmark case: model on the device, data on the CPU (both libraries move
@@ -88,7 +113,7 @@ def load_case(case_dir: Path, device: str) -> Case:
     """Read the case written by the orchestrator (tensors loaded with weights_only=True)."""
     config = json.loads((case_dir / "case.json").read_text())
     data = torch.load(case_dir / "data.pt", weights_only=True)
-    model = build_mlp(config["layer_sizes"])
+    model = build_model(config)
     model.load_state_dict(torch.load(case_dir / "model.pt", weights_only=True))
     dev = torch.device(device)
     model = model.to(dev).eval()

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from bench_common import build_mlp
+from bench_common import build_model
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -51,6 +51,8 @@ if str(ROOT) not in sys.path:  # run from a checkout where the package is not in
     sys.path.append(str(ROOT))
 DEFAULT_PYDVL = Path("/work/pydvl-venv/bin/python")
 METHODS = ["direct", "cg", "cg_block", "lissa", "arnoldi", "nystroem", "ekfac", "ihm"]
+CASES = ["small", "large", "mlp", "mlp_wide", "cnn", "cnn_rgb"]
+PYDVL_CASES = "mlp,mlp_wide,cnn,cnn_rgb"
 
 #: What agreement to expect between pyDVL 0.10 and us, per method.
 EXPECTATION = {
@@ -120,6 +122,11 @@ class CaseConfig:
     regularization: float
     methods: list[MethodSpec]
     reference: str | None  # method whose scores are the reference ("direct") or None
+    cnn: dict[str, Any] | None = None  # build_cnn arguments; None: an MLP of layer_sizes
+
+    @property
+    def model_config(self) -> dict[str, Any]:
+        return {"layer_sizes": self.layer_sizes, "cnn": self.cnn}
 
 
 def _methods(
@@ -131,8 +138,10 @@ def _methods(
     arnoldi_rank: int,
     nystroem_rank: int,
     with_direct: bool,
+    with_ekfac: bool = True,
 ) -> list[MethodSpec]:
-    """The method runs of a case (same constructor arguments for both libraries)."""
+    """The method runs of a case (same constructor arguments for both libraries; pyDVL's
+    defaults for LiSSA's scale, dampen and rtol, CG's rtol)."""
     cg = {"regularization": lam, "rtol": 1e-4, "maxiter": cg_maxiter}
     cg["warn_on_max_iteration"] = False
     lissa = {"regularization": lam, "maxiter": lissa_maxiter, "scale": 10.0, "rtol": 1e-4}
@@ -160,7 +169,11 @@ def _methods(
         ),
         MethodSpec("ihm", "InverseHarmonicMeanInfluence", {"regularization": lam}),
     ]
-    return [s for s in specs if with_direct or s.name != "direct"]
+    return [
+        s
+        for s in specs
+        if (with_direct or s.name != "direct") and (with_ekfac or s.name != "ekfac")
+    ]
 
 
 def small_case(quick: bool) -> CaseConfig:
@@ -212,6 +225,53 @@ def large_case(quick: bool) -> CaseConfig:
     )  # fmt: skip
 
 
+def pydvl_default_cases(quick: bool) -> list[CaseConfig]:
+    """Workloads of the kind pyDVL users run, with pyDVL's defaults (LiSSA maxiter 1,000,
+    scale 10, rtol 1e-4; Arnoldi rank 10) where a case does not set them: two MLPs of a
+    few thousand parameters and two CNNs of ten to twenty thousand, ~1,400 training and
+    100 test points, batches of 100. The CNN cases cap LiSSA at 200 iterations (1,000 take
+    about 10 minutes per library on one core); per-RHS CG is timed on 10 test points."""
+    lam = 0.01
+    n_train, n_test, batch = (300, 20, 100) if quick else (1400, 100, 100)
+    lissa_mlp, lissa_cnn = (50, 10) if quick else (1000, 200)
+
+    def specs(lissa: int, direct: bool, ekfac: bool, rank: int) -> list[MethodSpec]:
+        return _methods(
+            lam, cg_maxiter=100, cg_subset=10, lissa_maxiter=lissa, arnoldi_rank=10,
+            nystroem_rank=rank, with_direct=direct, with_ekfac=ekfac,
+        )  # fmt: skip
+
+    common: dict[str, Any] = {
+        "n_train": n_train, "n_test": n_test, "batch_size": batch, "regularization": lam,
+    }  # fmt: skip
+    return [
+        CaseConfig(
+            name="mlp", title="digits MLP 64-32-32-10", data="digits",
+            layer_sizes=[64, 32, 32, 10], train_steps=300, learning_rate=0.01,
+            methods=specs(lissa_mlp, True, True, 50), reference="direct", **common,
+        ),
+        CaseConfig(
+            name="mlp_wide", title="synthetic MLP 32-128-10", data="synthetic",
+            layer_sizes=[32, 128, 10], train_steps=200, learning_rate=0.01,
+            methods=specs(lissa_mlp, True, True, 50), reference="direct", **common,
+        ),
+        CaseConfig(
+            name="cnn", title="digits CNN conv8-conv16-pool-64-10", data="digits_image",
+            layer_sizes=[64, 10], train_steps=100, learning_rate=0.01,
+            methods=specs(lissa_cnn, False, False, 20), reference=None,
+            cnn={"in_shape": [1, 8, 8], "channels": [8, 16], "hidden": 64, "classes": 10},
+            **common,
+        ),
+        CaseConfig(
+            name="cnn_rgb", title="synthetic 3x12x12 CNN conv8-pool-32-10",
+            data="synthetic_image", layer_sizes=[432, 10], train_steps=100,
+            learning_rate=0.01, methods=specs(lissa_cnn, False, False, 20), reference=None,
+            cnn={"in_shape": [3, 12, 12], "channels": [8], "hidden": 32, "classes": 10},
+            **common,
+        ),
+    ]  # fmt: skip
+
+
 # ---------------------------------------------------------------------- data and model
 def _digits(cfg: CaseConfig) -> tuple[torch.Tensor, ...]:
     from influence_pipeline.examples.digits import load_digits_data
@@ -237,11 +297,14 @@ def _synthetic(cfg: CaseConfig) -> tuple[torch.Tensor, ...]:
 
 def prepare_case(cfg: CaseConfig, directory: Path) -> dict[str, float]:
     """Write data.pt, model.pt (trained full-batch with Adam) and case.json."""
-    x, y, x_test, y_test = _digits(cfg) if cfg.data == "digits" else _synthetic(cfg)
+    x, y, x_test, y_test = _digits(cfg) if cfg.data.startswith("digits") else _synthetic(cfg)
+    if cfg.cnn:  # images: (N, C, H, W)
+        shape = cfg.cnn["in_shape"]
+        x, x_test = x.reshape(-1, *shape), x_test.reshape(-1, *shape)
     if cfg.reference == "direct" and cfg.n_train % cfg.batch_size:
         raise ValueError("The batch size must divide n_train (pyDVL's chunk averaging).")
     torch.manual_seed(0)
-    model = build_mlp(cfg.layer_sizes)
+    model = build_model(cfg.model_config)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=1e-3)
     for _ in range(cfg.train_steps):
         optimizer.zero_grad()
@@ -257,7 +320,7 @@ def prepare_case(cfg: CaseConfig, directory: Path) -> dict[str, float]:
     tensors = {"x_train": x, "y_train": y, "x_test": x_test, "y_test": y_test}
     torch.save({k: v.contiguous() for k, v in tensors.items()}, directory / "data.pt")
     torch.save(model.state_dict(), directory / "model.pt")
-    case_json = {"layer_sizes": cfg.layer_sizes, "batch_size": cfg.batch_size}
+    case_json = {**cfg.model_config, "batch_size": cfg.batch_size}
     (directory / "case.json").write_text(json.dumps(case_json))
     return stats
 
@@ -468,6 +531,42 @@ def print_case(cfg: CaseConfig, report: dict[str, Any], device: str) -> None:
         )
 
 
+def summary_table(cases: dict[str, dict[str, Any]]) -> str:
+    """One row per (case, method): pyDVL time / ours and ours / compute bound, with the
+    geometric mean and the minimum of the speedups over every row."""
+    rows, speedups = [], []
+    for case, report in cases.items():
+        for name, r in report["runs"].get("ours", {}).items():
+            if r.get("error"):
+                continue
+            total = _total(r) or 0.0
+            bound = sum(r["bound"].values()) if r.get("bound") else None
+            speedup = report["speedup"].get(name)
+            if speedup:
+                speedups.append(speedup)
+            rows.append(
+                [
+                    case,
+                    name,
+                    _s(total),
+                    f"{speedup:.2f}x" if speedup else "-",
+                    f"{total / bound:.2f}" if bound else "-",
+                ]
+            )
+    text = table(
+        "Summary: speedup = pyDVL time / ours; bound ratio = ours / compute bound",
+        ["case", "method", "ours_s", "speedup", "bound_ratio"],
+        rows,
+    )
+    if speedups:
+        geo = math.exp(sum(math.log(v) for v in speedups) / len(speedups))
+        text += (
+            f"\nover {len(speedups)} (case, method) pairs: geometric mean {geo:.2f}x, "
+            f"min {min(speedups):.2f}x [target: geometric mean >= 3x, none below 1x]"
+        )
+    return text
+
+
 # ---------------------------------------------------------------------- main
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -489,6 +588,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="run the large case (default: on, off with --quick)",
     )
+    parser.add_argument(
+        "--cases",
+        default="small,large",
+        help=f"comma-separated cases among {','.join(CASES)} (default: small,large; "
+        "'pydvl-defaults' selects mlp,mlp_wide,cnn,cnn_rgb)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     parser.add_argument(
         "--threads", type=int, default=0, help="torch threads in every worker (0: torch's default)"
@@ -502,13 +607,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, default=None, help="write raw numbers here")
     args = parser.parse_args(argv)
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.large = (not args.quick) if args.large is None else args.large
     args.timeout = args.timeout or (300 if args.quick else 1800)
     selected = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(selected) - set(METHODS))
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {METHODS}")
     args.methods = selected
+    cases = [c.strip() for c in args.cases.replace("pydvl-defaults", PYDVL_CASES).split(",")]
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {CASES}")
+    if args.large is False:
+        cases = [c for c in cases if c != "large"]
+    elif args.large and "large" not in cases:
+        cases.append("large")
+    elif args.quick and args.large is None and args.cases == "small,large":
+        cases = ["small"]
+    args.cases = [c for c in CASES if c in cases]
     return args
 
 
@@ -527,7 +642,7 @@ def run_case(
 ) -> dict[str, Any]:
     case_dir = root / cfg.name
     stats = prepare_case(cfg, case_dir)
-    n_params = sum(p.numel() for p in build_mlp(cfg.layer_sizes).parameters())
+    n_params = sum(p.numel() for p in build_model(cfg.model_config).parameters())
     report: dict[str, Any] = {
         "config": asdict(cfg),
         "n_parameters": n_params,
@@ -572,7 +687,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     pydvl = resolve_pydvl(args)
-    cases = [small_case(args.quick)] + ([large_case(args.quick)] if args.large else [])
+    every = [small_case(args.quick), large_case(args.quick), *pydvl_default_cases(args.quick)]
+    cases = [c for c in every if c.name in args.cases]
     started = time.perf_counter()
     output: dict[str, Any] = {
         "arguments": {k: str(v) for k, v in vars(args).items()},
@@ -593,6 +709,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="engine-bench-") as tmp:
         for cfg in cases:
             output["cases"][cfg.name] = run_case(cfg, Path(tmp), args, pydvl)
+    print()
+    print(summary_table(output["cases"]))
     print()
     for note in (NOTES_PYDVL if pydvl else []) + NOTES_ALWAYS:
         print(f"note: {note}")
