@@ -2,9 +2,12 @@
 
 For a test example and a layer, the query factor is the preconditioned gradient matrix
 Mᵢ = (EK-FAC + λ)⁻¹ Dᵢ, shape (G, out, in_dim) (see :mod:`~influence_pipeline.influence.ekfac`).
-Compressed to rank r it is kept as Mᵢ ≈ Lᵢ Rᵢ with Lᵢ = U_r diag(σ_r) (out × r) and
-Rᵢ = V_rᵀ (r × in_dim) from the SVD of each group's matrix: the best rank-r approximation in
-the Frobenius norm. A layer whose factors would not be smaller than its matrix,
+Compressed to rank r it is kept as Mᵢ ≈ Lᵢ Rᵢ (L: out × r, R: r × in_dim), the projection
+onto its top-r singular subspace, U_r U_rᵀ Mᵢ: the best rank-r approximation in the Frobenius
+norm (Eckart–Young). U_r (or V_r, on the smaller side) comes from the eigendecomposition of
+the smaller Gram matrix M Mᵀ (or MᵀM), deterministic and several times cheaper than an SVD
+(768 × 3,073: 0.5 s against 3.8 s on one CPU thread); then L = U_r, R = U_rᵀM (or L = MV_r,
+R = V_rᵀ). A layer whose factors would not be smaller than its matrix,
 r·(out + in_dim) ≥ out·in_dim (in particular r ≥ its smaller side, Kronfluence's rule), keeps
 the exact matrix. Storage per test example: Σ_layers G·min(r·(out + in_dim), out·in_dim)
 numbers instead of Σ_layers G·out·in_dim.
@@ -151,6 +154,14 @@ def compress(matrices: torch.Tensor, rank: int | None) -> LayerQuery:
     out, inp = matrices.shape[-2:]
     if rank is None or rank * (out + inp) >= out * inp:  # includes rank ≥ min(out, in)
         return LayerQuery(dense=matrices)
-    u, s, vh = torch.linalg.svd(matrices, full_matrices=False)
-    left = (u[..., :rank] * s[..., None, :rank]).contiguous()
-    return LayerQuery(left=left, right=vh[..., :rank, :].contiguous())
+    if out <= inp:  # top-r left singular vectors U_r: M ≈ U_r (U_rᵀ M)
+        _, vecs = torch.linalg.eigh(matrices @ matrices.transpose(-1, -2))
+        basis = vecs[..., -rank:].flip(-1)
+        return LayerQuery(
+            left=basis.contiguous(), right=(basis.transpose(-1, -2) @ matrices).contiguous()
+        )
+    _, vecs = torch.linalg.eigh(matrices.transpose(-1, -2) @ matrices)  # right vectors V_r
+    basis = vecs[..., -rank:].flip(-1)
+    return LayerQuery(
+        left=(matrices @ basis).contiguous(), right=basis.transpose(-1, -2).contiguous()
+    )
