@@ -176,6 +176,27 @@ def run_mislabel(args: argparse.Namespace, out: Path) -> None:
     write(pd.DataFrame(flag_rows), out, "mislabel_flags", "Audit flags: precision and recall")
 
 
+def run_flags(args: argparse.Namespace, out: Path) -> None:
+    """The audit flags alone (Direct's self-influence and the loss at the final checkpoint)
+    on both workloads for each seed."""
+    rows = []
+    for seed in args.seeds:
+        for workload in ("bundled", "memorizing"):
+            if workload == "bundled":
+                data = load_digits_data(seed=seed)
+                model = load_model(cached_checkpoint(seed=seed)).double()
+            else:
+                data = memorizing_data(seed)
+                state = torch.load(memorizing_checkpoints(seed=seed)[-1], weights_only=True)
+                model = _model_from_state(state)
+            x = torch.from_numpy(data.x_train).double()
+            y = torch.from_numpy(data.y_train)
+            rankings = mislabel_rankings(model, x, y, [], ("direct",), seed)
+            rows.append(_flags(rankings, data, workload, seed))
+            show(rows[-1])
+    write(pd.DataFrame(rows), out, "mislabel_flags", "Audit flags: precision and recall")
+
+
 def _flags(rankings: dict[str, np.ndarray], data: Any, workload: str, seed: int) -> dict:
     examples = pd.DataFrame(
         {
@@ -441,6 +462,8 @@ def run_methods(args: argparse.Namespace, out: Path) -> None:
     mx, my = torch.from_numpy(memorizing.x_train).double(), torch.from_numpy(memorizing.y_train)
     rows, reference = [], None
     for name, spec in DEFAULT_SPECS.items():
+        if args.methods and name not in args.methods:
+            continue
         meter = MemoryMeter(torch.device("cpu"))
         start = time.perf_counter()
         influence = fit(spec, model, x, y)
@@ -483,18 +506,25 @@ def run_methods(args: argparse.Namespace, out: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("what", choices=["mislabel", "lds", "lambda", "methods"])
+    parser.add_argument("what", choices=["flags", "mislabel", "lds", "lambda", "methods"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--methods", nargs="*", default=None, help="methods comparison: only these")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
     out = args.out or Path("bench_results") / f"quality-{stamp}"
     out.mkdir(parents=True, exist_ok=True)
-    runs = {"mislabel": run_mislabel, "lds": run_lds, "lambda": run_lambda, "methods": run_methods}
+    runs = {
+        "flags": run_flags,
+        "mislabel": run_mislabel,
+        "lds": run_lds,
+        "lambda": run_lambda,
+        "methods": run_methods,
+    }
     runs[args.what](args, out)
 
 
