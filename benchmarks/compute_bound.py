@@ -6,7 +6,9 @@ What is replayed (``ProductLog`` is recorded from the engine in the same process
 * curvature products: every logged ``(batch size B, K vectors)`` Hessian product becomes
   ``vmap`` over K vectors of ``vjp(grad(loss_sum))`` on a batch of B training points,
   the graph of the gradient built once per product (reverse-over-reverse was the fastest
-  plain torch.func HVP for these MLPs), vectors chunked so that B·K ≤ 2¹⁶ per ``vmap``;
+  plain torch.func HVP for these MLPs), vectors chunked so that B·K ≤ 2¹⁶ and
+  B·K·(activation elements per sample) ≤ 2²³ per ``vmap`` (larger vectorised double
+  backwards leave the CPU caches: about 3x slower on the CNN cases);
 * per-sample gradients: ``vmap(grad(per-sample loss))`` over the test points (factors) and
   over every training chunk (scoring), flattened to (N, P);
 * dense linear algebra the method needs: Cholesky of the (P, P) matrix and the triangular
@@ -37,6 +39,8 @@ from torch.func import functional_call, grad, vjp, vmap
 
 #: Sample-vectors per vmapped curvature product (memory bound of one product).
 BUDGET = 1 << 16
+#: Activation elements (samples x vectors x per-sample activations) per vmapped product.
+ACTIVATION_BUDGET = 1 << 23
 
 
 @dataclass
@@ -108,6 +112,23 @@ class PlainTorchFunc:
         g = vmap(grad(sample_loss), in_dims=(None, 0, 0))(self.params, x, y)
         return self.flatten(g)
 
+    def activations(self, x: torch.Tensor, y: torch.Tensor) -> int:
+        """Elements saved for backward by one sample's loss, parameters excluded."""
+        if getattr(self, "_activations", None) is None:
+            count = [0]
+            weights = {p.untyped_storage().data_ptr() for p in self.params.values()}
+            leaves = {k: v.detach().requires_grad_(True) for k, v in self.params.items()}
+
+            def pack(t: torch.Tensor) -> torch.Tensor:
+                if t.untyped_storage().data_ptr() not in weights:
+                    count[0] += t.numel()
+                return t
+
+            with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                F.cross_entropy(functional_call(self.model, leaves, (x[:1],)), y[:1])
+            self._activations = max(1, count[0])
+        return int(self._activations)
+
     def hvp(self, x: torch.Tensor, y: torch.Tensor, mat: torch.Tensor) -> torch.Tensor:
         """(K, P): rows Σ_batch ∇²ℓ v_k, reverse-over-reverse, chunked over vectors."""
         model = self.model
@@ -116,7 +137,8 @@ class PlainTorchFunc:
             return F.cross_entropy(functional_call(model, p, (x,)), y, reduction="sum")
 
         vjp_fn = vjp(grad(loss_sum), self.params)[1]  # built once, applied to K vectors
-        chunk = max(1, min(mat.shape[0], BUDGET // max(1, x.shape[0])))
+        by_activations = ACTIVATION_BUDGET // max(1, x.shape[0] * self.activations(x, y))
+        chunk = max(1, min(mat.shape[0], BUDGET // max(1, x.shape[0]), by_activations))
         outs = [self.flatten(vmap(vjp_fn)(self.split(m))[0]) for m in torch.split(mat, chunk)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

@@ -229,15 +229,17 @@ def pydvl_default_cases(quick: bool) -> list[CaseConfig]:
     """Workloads of the kind pyDVL users run, with pyDVL's defaults (LiSSA maxiter 1,000,
     scale 10, rtol 1e-4; Arnoldi rank 10) where a case does not set them: two MLPs of a
     few thousand parameters and two CNNs of ten to twenty thousand, ~1,400 training and
-    100 test points, batches of 100. The CNN cases cap LiSSA at 200 iterations (1,000 take
-    about 10 minutes per library on one core); per-RHS CG is timed on 10 test points."""
+    100 test points, batches of 100. CG stops at 100 iterations (MLPs) or 10 (CNNs) and
+    the CNN cases cap LiSSA at 100 iterations (1,000 take several minutes per library on
+    one core); per-RHS CG is timed on 10 test points."""
     lam = 0.01
     n_train, n_test, batch = (300, 20, 100) if quick else (1400, 100, 100)
-    lissa_mlp, lissa_cnn = (50, 10) if quick else (1000, 200)
+    lissa_mlp, lissa_cnn = (50, 10) if quick else (1000, 100)
+    cg_mlp, cg_cnn = (20, 3) if quick else (100, 10)
 
-    def specs(lissa: int, direct: bool, ekfac: bool, rank: int) -> list[MethodSpec]:
+    def specs(lissa: int, cg: int, direct: bool, ekfac: bool, rank: int) -> list[MethodSpec]:
         return _methods(
-            lam, cg_maxiter=100, cg_subset=10, lissa_maxiter=lissa, arnoldi_rank=10,
+            lam, cg_maxiter=cg, cg_subset=10, lissa_maxiter=lissa, arnoldi_rank=10,
             nystroem_rank=rank, with_direct=direct, with_ekfac=ekfac,
         )  # fmt: skip
 
@@ -248,24 +250,24 @@ def pydvl_default_cases(quick: bool) -> list[CaseConfig]:
         CaseConfig(
             name="mlp", title="digits MLP 64-32-32-10", data="digits",
             layer_sizes=[64, 32, 32, 10], train_steps=300, learning_rate=0.01,
-            methods=specs(lissa_mlp, True, True, 50), reference="direct", **common,
+            methods=specs(lissa_mlp, cg_mlp, True, True, 50), reference="direct", **common,
         ),
         CaseConfig(
             name="mlp_wide", title="synthetic MLP 32-128-10", data="synthetic",
             layer_sizes=[32, 128, 10], train_steps=200, learning_rate=0.01,
-            methods=specs(lissa_mlp, True, True, 50), reference="direct", **common,
+            methods=specs(lissa_mlp, cg_mlp, True, True, 50), reference="direct", **common,
         ),
         CaseConfig(
             name="cnn", title="digits CNN conv8-conv16-pool-64-10", data="digits_image",
             layer_sizes=[64, 10], train_steps=100, learning_rate=0.01,
-            methods=specs(lissa_cnn, False, False, 20), reference=None,
+            methods=specs(lissa_cnn, cg_cnn, False, False, 20), reference=None,
             cnn={"in_shape": [1, 8, 8], "channels": [8, 16], "hidden": 64, "classes": 10},
             **common,
         ),
         CaseConfig(
             name="cnn_rgb", title="synthetic 3x12x12 CNN conv8-pool-32-10",
             data="synthetic_image", layer_sizes=[432, 10], train_steps=100,
-            learning_rate=0.01, methods=specs(lissa_cnn, False, False, 20), reference=None,
+            learning_rate=0.01, methods=specs(lissa_cnn, cg_cnn, False, False, 20), reference=None,
             cnn={"in_shape": [3, 12, 12], "channels": [8], "hidden": 32, "classes": 10},
             **common,
         ),
