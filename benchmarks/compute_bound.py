@@ -7,8 +7,8 @@ What is replayed (``ProductLog`` is recorded from the engine in the same process
   ``vmap`` over K vectors of ``vjp(grad(loss_sum))`` on a batch of B training points,
   the graph of the gradient built once per product (reverse-over-reverse was the fastest
   plain torch.func HVP for these MLPs), vectors chunked so that B·K ≤ 2¹⁶ and
-  B·K·(activation elements per sample) ≤ 2²³ per ``vmap`` (larger vectorised double
-  backwards leave the CPU caches: about 3x slower on the CNN cases);
+  on the CPU B·K·(activation elements per sample) ≤ 2²³ per ``vmap`` (larger vectorised
+  double backwards leave the CPU caches: about 3x slower on the CNN cases);
 * per-sample gradients: ``vmap(grad(per-sample loss))`` over the test points (factors) and
   over every training chunk (scoring), flattened to (N, P);
 * dense linear algebra the method needs: Cholesky of the (P, P) matrix and the triangular
@@ -137,7 +137,8 @@ class PlainTorchFunc:
             return F.cross_entropy(functional_call(model, p, (x,)), y, reduction="sum")
 
         vjp_fn = vjp(grad(loss_sum), self.params)[1]  # built once, applied to K vectors
-        by_activations = ACTIVATION_BUDGET // max(1, x.shape[0] * self.activations(x, y))
+        per_sample = self.activations(x, y) if x.device.type == "cpu" else 1  # as the engine
+        by_activations = ACTIVATION_BUDGET // max(1, x.shape[0] * per_sample)
         chunk = max(1, min(mat.shape[0], BUDGET // max(1, x.shape[0]), by_activations))
         outs = [self.flatten(vmap(vjp_fn)(self.split(m))[0]) for m in torch.split(mat, chunk)]
         return torch.cat(outs) if len(outs) > 1 else outs[0]
