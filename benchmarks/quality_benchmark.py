@@ -87,7 +87,7 @@ def show(row: Mapping[str, Any]) -> None:
 
 def write(frame: pd.DataFrame, out: Path, name: str, title: str) -> None:
     frame.to_parquet(out / f"{name}.parquet")
-    text = f"## {title}\n\n" + frame.to_markdown(index=False, floatfmt=".3f") + "\n"
+    text = f"## {title}\n\n" + frame.to_markdown(index=False, floatfmt=".4g") + "\n"
     (out / f"{name}.md").write_text(text)
     print(text, flush=True)
 
@@ -387,8 +387,10 @@ def run_lambda(args: argparse.Namespace, out: Path) -> None:
     data, model, x, y = bundled_setup()
     rows = []
     for name, spec in sweep_specs().items():
+        if args.methods and name not in args.methods:
+            continue
         influence = fit(spec, model, x, y)
-        for lam in LAMBDAS:
+        for lam in args.lambdas:
             influence.with_regularization(lam)
             row: dict[str, Any] = {"method": name, "lambda": lam}
             for test_set in data.test_sets:
@@ -400,7 +402,7 @@ def run_lambda(args: argparse.Namespace, out: Path) -> None:
                 {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()},
                 flush=True,
             )
-    for method in ("arnoldi", "nystroem"):
+    for method in ("arnoldi", "nystroem") if args.ranks else ():
         for rank in (10, 25, 50, 100, 200, 400):
             for woodbury in (False, True) if method == "arnoldi" else (True,):
                 options: dict[str, Any] = {"seed": 0}
@@ -511,6 +513,8 @@ def main() -> None:
     parser.add_argument("--subsets", type=int, default=100)
     parser.add_argument("--fraction", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--lambdas", type=float, nargs="+", default=list(LAMBDAS))
+    parser.add_argument("--no-ranks", dest="ranks", action="store_false", help="λ sweep only")
     parser.add_argument("--methods", nargs="*", default=None, help="methods comparison: only these")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()

@@ -15,7 +15,8 @@ found in the top 1/5/10/20 % and the average precision (see :mod:`.metrics`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -33,6 +34,31 @@ def per_sample_losses(
     with torch.no_grad():
         values = torch.vmap(lambda xi, yi: loss(model(xi[None]), yi[None]))(x, y)
     return values.double().cpu().numpy()
+
+
+def checkpoint_loss(
+    model_factory: Callable[[], torch.nn.Module],
+    checkpoints: Sequence[str | os.PathLike[str]],
+    loss: LossType,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    batch_size: int = 4096,
+) -> np.ndarray:
+    """(n,) the mean per-sample loss over saved training checkpoints (state dicts loaded
+    with ``weights_only=True``), batch by batch: the audit's ranking where a workload saves
+    checkpoints during training."""
+    if not checkpoints:
+        raise ValueError("checkpoints is empty; give at least one state-dict file.")
+    total = np.zeros(len(y), dtype=np.float64)
+    for path in checkpoints:
+        model = model_factory()
+        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        model = model.eval().to(dtype=x.dtype) if x.is_floating_point() else model.eval()
+        for i in range(0, len(y), batch_size):
+            total[i : i + batch_size] += per_sample_losses(
+                model, loss, x[i : i + batch_size], y[i : i + batch_size]
+            )
+    return total / len(checkpoints)
 
 
 def self_influences(

@@ -3,6 +3,9 @@ retrained losses and its (n_test, M) view."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -68,3 +71,29 @@ def test_retrain_subsets_long_table_round_trips() -> None:
         retrain_subsets(
             retrain, train, test, masks[:, :10], [0], (0,), torch.nn.functional.cross_entropy
         )
+
+
+def test_checkpoint_loss_is_the_mean_over_checkpoints(tmp_path: Path) -> None:
+    from influence_pipeline.quality.mislabel import checkpoint_loss, per_sample_losses
+
+    data = _data(12, 0)
+    _, saved = train_digits_mlp(data.x, data.y, 0, TINY, save_at=(1, 6))
+    paths = []
+    for epoch, state in saved.items():
+        paths.append(tmp_path / f"epoch-{epoch}.pt")
+        torch.save(state, paths[-1])
+
+    def factory() -> torch.nn.Module:
+        from influence_pipeline.examples.digits import make_model
+
+        return make_model(TINY.hidden)
+
+    expected = []
+    for state in saved.values():
+        model = factory()
+        model.load_state_dict(state)
+        expected.append(per_sample_losses(model, torch.nn.functional.cross_entropy, data.x, data.y))
+    got = checkpoint_loss(factory, paths, torch.nn.functional.cross_entropy, data.x, data.y, 5)
+    np.testing.assert_allclose(got, np.mean(expected, axis=0), rtol=1e-6)
+    with pytest.raises(ValueError, match="checkpoints is empty"):
+        checkpoint_loss(factory, [], torch.nn.functional.cross_entropy, data.x, data.y)
