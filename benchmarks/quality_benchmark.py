@@ -438,6 +438,7 @@ def _plot_lambda(table: pd.DataFrame, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    table = table.drop_duplicates(["method", "lambda"]).sort_values("lambda")
     for name, group in table.groupby("method", sort=False):
         ax.plot(group["lambda"], group["lds holdout"], marker="o", label=str(name))
     ax.set_xscale("log")
