@@ -9,6 +9,8 @@ Layout under the store root (a local path or any fsspec URL: ``file://``, ``memo
     factors/<test_set>/
       values                    (n_test, P) float32|float64, row chunks, NaN = not computed
       ids                       (n_test,) int64 test ids
+      (or, for EK-FAC query factors, ``layers/l<k>/dense`` or ``left``/``right``: one
+      group per layer, chunked by test rows; see ``query_factors.py``)
     scores/<test_set>           (n_test, n_columns) float32; each training shard owns whole
                                 column blocks (one chunk wide, all test rows) along the
                                 train axis; attrs: the allocation shard → column range,

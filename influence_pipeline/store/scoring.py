@@ -28,9 +28,11 @@ import numpy as np
 import torch
 
 from ..influence.types import InfluenceMode
+from . import query_factors
 from .chunks import WRITE_ALL_CHUNKS, manifest
 from .errors import IncompleteArtifactError, ProvenanceMismatchError, StoreError
 from .provenance import DataHasher, Provenance, loss_name, state_digest
+from .query_factors import check_query_factors, query_scores
 from .store import (
     ShardResult,
     _as_ids,
@@ -387,8 +389,15 @@ def score_shard(
     top_k: int,
     ids: Sequence[int] | np.ndarray | None,
     mode: InfluenceMode,
+    query_rank: Any = "any",
+    hold_bytes: int | None = None,
 ) -> ShardResult:
-    """Compute and write the scores of one shard with ``influence`` (see the module docstring)."""
+    """Compute and write the scores of one shard with ``influence`` (see the module
+    docstring). Against per-layer query factors (``write_query_factors``) the scores are
+    the EK-FAC per-layer ones, with the factors held in memory up to ``hold_bytes``, else
+    read one test row block at a time per training batch (default
+    :data:`~influence_pipeline.store.query_factors.HOLD_BYTES`); ``query_rank`` (not
+    "any") refuses factors of another rank."""
     record = store.factors_record(test_set)
     stored = Provenance.from_json(record["provenance"])
     stored.check_matches(Provenance.of(influence), f"The factors of test set {test_set!r}")
@@ -405,19 +414,47 @@ def score_shard(
             f"The factors of test set {test_set!r} were computed with loss {record['loss']!r}, "
             f"the influence model given uses {loss!r}."
         )
+    if record.get("kind") == "query":
+        if mode is not InfluenceMode.Up:
+            raise StoreError(
+                f"The factors of test set {test_set!r} are per-layer query factors, which "
+                "score up-weighting only; write dense factors (write_factors) for "
+                "perturbation scores."
+            )
+        check_query_factors(record, test_set, influence, query_rank)
+        queries = store.query_factors(test_set)
+        held = (
+            queries.all().to(influence.model_device, influence.model_dtype)
+            if queries.nbytes <= (query_factors.HOLD_BYTES if hold_bytes is None else hold_bytes)
+            else None
+        )
+
+        def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return query_scores(influence, queries, x, y, held)
+    else:
+        if query_rank != "any":
+            raise ProvenanceMismatchError(
+                f"The factors of test set {test_set!r} are dense (n_test, P) factors, not "
+                f"query factors of rank {query_rank!r}: compute them again "
+                "(write_query_factors)."
+            )
+        values, _ = store.read_factors(test_set)
+        if not np.isfinite(values).all():
+            raise IncompleteArtifactError(f"The stored factors of {test_set!r} contain NaN/inf.")
+        factors = torch.from_numpy(values).to(
+            device=influence.model_device, dtype=influence.model_dtype
+        )
+
+        def score(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return influence.influences_from_factors(factors, x, y, mode=mode)
+
     writer = ShardWriter(store, test_set, shard, top_k=top_k, mode=mode)
-    values, _ = store.read_factors(test_set)
-    if not np.isfinite(values).all():
-        raise IncompleteArtifactError(f"The stored factors of {test_set!r} contain NaN/inf.")
-    factors = torch.from_numpy(values).to(
-        device=influence.model_device, dtype=influence.model_dtype
-    )
     hasher = DataHasher()
     try:
         for item in loader:
             x, y, batch_ids = _split_item(item)
             hasher.update(x, y)
-            writer.add(influence.influences_from_factors(factors, x, y, mode=mode), batch_ids)
+            writer.add(score(x, y), batch_ids)
         return writer.finish(hasher.hexdigest(), ids)
     except BaseException:
         with contextlib.suppress(Exception):  # report the first error, not a follow-up

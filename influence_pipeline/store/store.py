@@ -671,7 +671,8 @@ class InfluenceStore:
         if state.record is None:
             raise IncompleteArtifactError(
                 f"The factors of test set {test_set!r} are not complete ({state.state}: "
-                f"{state.reason}); materialize influence_factors[{test_set}] (write_factors)."
+                f"{state.reason}); materialize influence_factors[{test_set}] (write_factors or "
+                "write_query_factors)."
             )
         if verify:
             for path in state.record.get("chunks", {}):
@@ -692,8 +693,58 @@ class InfluenceStore:
     def read_factors(self, test_set: str) -> tuple[np.ndarray, np.ndarray]:
         """(factors (n_test, P), test ids (n_test,)) of a complete test set."""
         record = self.factors_record(test_set)
+        if record.get("kind") == "query":
+            raise StoreError(
+                f"The factors of test set {test_set!r} are per-layer query factors (rank "
+                f"{record.get('rank')!r}), not dense (n_test, P) factors: read them with "
+                "query_factors(test_set)."
+            )
         path = self._factors_path(record, test_set)
         return self._read(f"{path}/values", ...), self._read(f"{path}/ids", ...)
+
+    def write_query_factors(
+        self,
+        test_set: str,
+        influence: Any,
+        loader: Iterable[Any],
+        *,
+        rank: int | None,
+        ids: Sequence[int] | np.ndarray | None = None,
+        dtype: str = "float32",
+        n_rows: int | None = None,
+        annotations: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Compute and store the per-layer EK-FAC query factors of a test set (rank
+        ``rank``, None: exact), one group per layer chunked by test rows, as a new version
+        of its factors with the rules of :meth:`write_factors` (atomic replacement, chunk
+        lists, provenance with ``modules``, ``fisher`` and ``rank``); shards are then
+        scored against them by :meth:`write_shard_scores`. See
+        :mod:`~influence_pipeline.store.query_factors`."""
+        from .query_factors import write_query_factors
+
+        return write_query_factors(
+            self,
+            test_set,
+            influence,
+            loader,
+            rank=rank,
+            ids=ids,
+            dtype=dtype,
+            n_rows=n_rows,
+            annotations=annotations,
+        )
+
+    def query_factors(self, test_set: str, influence: Any = None, rank: Any = "any") -> Any:
+        """The stored query factors of a complete test set, read lazily
+        (:class:`~influence_pipeline.store.query_factors.StoredQueryFactors`:
+        ``rows(start, stop)``). With ``influence`` and/or ``rank``, factors written for
+        another model, ``modules``, ``fisher`` or ``rank`` raise
+        :class:`ProvenanceMismatchError`."""
+        from .query_factors import StoredQueryFactors, check_query_factors
+
+        record = self.factors_record(test_set)
+        check_query_factors(record, test_set, influence, rank)
+        return StoredQueryFactors(self, test_set, record)
 
     def test_ids(self, test_set: str) -> np.ndarray:
         """The ids of the test points, in the order of the score rows (position i = row i)."""
@@ -909,8 +960,12 @@ class InfluenceStore:
         top_k: int = 10,
         ids: Sequence[int] | np.ndarray | None = None,
         mode: Any = "up",
+        query_rank: Any = "any",
     ) -> ShardResult:
-        """Score one training shard against the stored factors of ``test_set``.
+        """Score one training shard against the stored factors of ``test_set``: dense
+        factors (:meth:`write_factors`) or per-layer query factors
+        (:meth:`write_query_factors`; ``query_rank`` other than "any" refuses stored
+        factors of another rank).
 
         Streams ``loader`` (yielding (x, y) or (x, y, ids)) batch by batch, writes only
         the column blocks this training shard owns (buffering one block of scores),
@@ -932,6 +987,7 @@ class InfluenceStore:
             top_k=top_k,
             ids=ids,
             mode=InfluenceMode(mode_value(mode)),
+            query_rank=query_rank,
         )
 
     # ================================================================== status
@@ -1205,7 +1261,9 @@ def _advice(path: str, owner: tuple[str, ...] | None = None) -> str:
         return "Materialize block_mapper again (save_block_mapper writes an intact version)."
     if head == "factors":
         name = path.split("/")[1] if "/" in path else "<test_set>"
-        return f"Materialize influence_factors[{name}] again (write_factors)."
+        return (
+            f"Materialize influence_factors[{name}] again (write_factors or write_query_factors)."
+        )
     if head in ("scores", "scores_perturbation", "topk", "train_stats"):
         return (
             "Delete the damaged array and score its shards again (allocate_shards, then "
