@@ -10,7 +10,11 @@
    call without Dagster, measured alternately; split into the framework's share (run wall
    time minus the asset function's own time) and the asset's extra work (restoring the
    block mapper, fingerprinting the shard, the read-back and spot checks).
-3. Peak memory (VmHWM of a fresh process) of one scoring step in a store with 5 and with
+3. Dagster's share when one run scores a range of shards (``BackfillPolicy.multi_run``, as
+   the CLI and backfills do) against one run per shard, side by side: 10 shards of 5,000
+   rows × 2,000 test points, alternately as one range run, as 10 single-partition runs and
+   as 10 bare store calls; overhead = (runs' wall time - bare calls) / bare calls.
+4. Peak memory (VmHWM of a fresh process) of one scoring step in a store with 5 and with
    20 allocated shards of the same size: it must not depend on the number of shards.
 
 Run: ``.venv/bin/python benchmarks/pipeline_benchmark.py [--quick]``.
@@ -34,8 +38,8 @@ import dagster as dg
 import numpy as np
 import torch
 
-from influence_pipeline.cli import register_shards
-from influence_pipeline.defs import build_definitions
+from influence_pipeline.cli import RANGE_END, RANGE_START, register_shards
+from influence_pipeline.defs import JOB_OF, build_definitions
 from influence_pipeline.defs.runtime import resolve_device, restore
 from influence_pipeline.examples.digits import digits_workload, make_model
 from influence_pipeline.store import InfluenceStore, ShardSpec
@@ -165,6 +169,59 @@ def dagster_overhead(
     }
 
 
+def range_overhead(
+    workload: Workload, instance: dg.DagsterInstance, repeats: int
+) -> dict[str, float]:
+    """Score every shard of ``validation`` alternately as one range run, as one run per shard
+    and as bare store calls (medians of ``repeats``); every repeat recomputes the scores."""
+    defs = build_definitions(workload)
+    shards = register_shards(defs, instance)
+    for key, partition in (("block_mapper", None), ("influence_factors", "validation")):
+        _materialize(defs, instance, key, partition)
+    store = InfluenceStore(workload.store)
+    influence = restore(store, workload, resolve_device("auto"), workload.batch_size)
+    job = defs.resolve_job_def(JOB_OF["influence_scores"])
+    score = dg.AssetKey("influence_scores")
+
+    def forget() -> None:  # drop the completion markers: the next scoring recomputes
+        for shard in shards:
+            store.location.delete(store._shard_marker("validation", shard))
+
+    ranged, single, bare = [], [], []
+    for _ in range(repeats):
+        forget()
+        start = time.perf_counter()
+        tags = {RANGE_START: f"validation|{shards[0]}", RANGE_END: f"validation|{shards[-1]}"}
+        assert job.execute_in_process(
+            run_config=QUIET, instance=instance, asset_selection=[score], tags=tags
+        ).success
+        ranged.append(time.perf_counter() - start)
+        forget()
+        start = time.perf_counter()
+        for shard in shards:
+            assert job.execute_in_process(
+                run_config=QUIET,
+                instance=instance,
+                asset_selection=[score],
+                partition_key=f"validation|{shard}",
+            ).success
+        single.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        for shard in shards:
+            data = workload.shards.load(shard)
+            store.write_shard_scores("validation", shard, influence, data.loader(256), top_k=20)
+        bare.append(time.perf_counter() - start)
+    r, s1, b = (statistics.median(v) for v in (ranged, single, bare))
+    return {
+        "shards": len(shards),
+        "range_run": r,
+        "single_runs": s1,
+        "bare_calls": b,
+        "range_overhead": (r - b) / b,
+        "single_overhead": (s1 - b) / b,
+    }
+
+
 CHILD = """
 import json, sys, resource
 sys.argv = sys.argv[:1]
@@ -223,7 +280,20 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="10,000 synthetic training points, 2 repeats"
     )
+    parser.add_argument(
+        "--ranges-only", action="store_true", help="only the range-run overhead (section 3)"
+    )
     args = parser.parse_args()
+    if args.ranges_only:
+        n_train = 10_000 if args.quick else 50_000
+        with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp, dg.instance_for_test() as inst:
+            o = range_overhead(
+                synthetic_workload(Path(tmp), n_train, 10, OVERHEAD_TESTS),
+                inst,
+                repeats=2 if args.quick else 3,
+            )
+        print(json.dumps({k: round(v, 3) for k, v in o.items()}))
+        return
     torch.set_num_threads(max(1, (os.cpu_count() or 1)))
     n_train = 10_000 if args.quick else 50_000
     with tempfile.TemporaryDirectory(dir=os.getcwd()) as tmp:
@@ -274,6 +344,21 @@ def main() -> None:
                 f"{o['store_call']:10.2f}s {100 * o['framework_share']:9.1f}% "
                 f"{100 * o['asset_extra_share']:11.1f}% {100 * o['total_overhead']:6.1f}%"
             )
+        with dg.instance_for_test() as instance:
+            o = range_overhead(
+                synthetic_workload(root / "ranges", n_train, 10, OVERHEAD_TESTS),
+                instance,
+                repeats=2 if args.quick else 3,
+            )
+        print(
+            f"\nScoring {o['shards']:.0f} shards of {n_train // 10:,} rows x {OVERHEAD_TESTS:,} "
+            "test points (medians; overhead = (Dagster - bare) / bare):"
+        )
+        print(
+            f"  one range run {o['range_run']:7.2f} s ({100 * o['range_overhead']:5.1f} %), "
+            f"one run per shard {o['single_runs']:7.2f} s ({100 * o['single_overhead']:5.1f} %), "
+            f"bare store calls {o['bare_calls']:7.2f} s"
+        )
     shard_rows = 1_000 if args.quick else 5_000
     print(f"\nMemory of one scoring step ({shard_rows:,}-row shard, 200 test points):")
     for n_shards in (5, 20):

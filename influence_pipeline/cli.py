@@ -27,6 +27,9 @@ from typing import Any
 from .project import default_home, default_store, project_root
 
 EXAMPLES = ("digits",)
+#: Dagster's run tags for a run over a range of partitions (as a backfill sets them).
+RANGE_START = "dagster/asset_partition_range_start"
+RANGE_END = "dagster/asset_partition_range_end"
 MINIMAL_DAGSTER_YAML = "telemetry:\n  enabled: false\n"
 
 
@@ -59,10 +62,13 @@ def run_pipeline(
     test_sets: list[str],
     run_config: dict[str, Any] | None = None,
     out: Any = None,
+    shards_per_run: int = 16,
 ) -> Any:
-    """Materialize every asset partition in dependency order, one run of the main job each
-    (block_mapper, factors, scores, tables, data_audit with the whole-store checks); prints
-    one line per step to ``out`` (default stdout) and returns the audit run's result."""
+    """Materialize every asset partition in dependency order, one run of the main job per
+    step (block_mapper, factors, scores, tables, data_audit with the whole-store checks);
+    scoring runs take up to ``shards_per_run`` shards of a test set each (a partition
+    range). Prints one line per step to ``out`` (default stdout); returns the audit run's
+    result."""
     import dagster as dg
 
     from .defs import JOB_OF
@@ -70,27 +76,36 @@ def run_pipeline(
     out = out or sys.stdout
     shards = register_shards(defs, instance)
     quiet = {"loggers": {"console": {"config": {"log_level": "ERROR"}}}}
-    steps: list[tuple[str, str | dg.MultiPartitionKey | None]] = [("block_mapper", None)]
+    steps: list[tuple[str, str | tuple[str, str] | None]] = [("block_mapper", None)]
     steps += [("influence_factors", t) for t in test_sets]
-    steps += [
-        ("influence_scores", dg.MultiPartitionKey({"test_set": t, "train_shard": s}))
-        for t in test_sets
-        for s in shards
-    ]
+    for t in test_sets:  # ranges of partitions: the shards' order as registered
+        for first in range(0, len(shards), shards_per_run):
+            batch = shards[first : first + shards_per_run]
+            steps.append(("influence_scores", (f"{t}|{batch[0]}", f"{t}|{batch[-1]}")))
     steps += [("influence_table", t) for t in test_sets]
     steps += [("data_audit", None)]
     tags = {"influence/main_job": time.strftime("%Y-%m-%dT%H:%M:%S")}
     result = None
     for i, (key, partition) in enumerate(steps, 1):
-        label = key if partition is None else f"{key}[{partition}]"
         ops = {k: v for k, v in ((run_config or {}).get("ops") or {}).items() if k == key}
+        run_tags = dict(tags)
+        if isinstance(partition, tuple):
+            label = (
+                f"{key}[{partition[0]}]"
+                if partition[0] == partition[1]
+                else (f"{key}[{partition[0]} ... {partition[1].split('|')[1]}]")
+            )
+            run_tags[RANGE_START], run_tags[RANGE_END] = partition
+            partition = None
+        else:
+            label = key if partition is None else f"{key}[{partition}]"
         start = time.perf_counter()
         result = defs.resolve_job_def(JOB_OF[key]).execute_in_process(
             run_config={**quiet, **({"ops": ops} if ops else {})},
             instance=instance,
-            partition_key=str(partition) if partition is not None else None,
+            partition_key=partition,
             asset_selection=[dg.AssetKey(key)],
-            tags=tags,
+            tags=run_tags,
             raise_on_error=False,
         )
         seconds = time.perf_counter() - start
@@ -211,6 +226,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {test_set}: factors {'done' if state['factors'] else 'missing'}; "
             f"{len(state['complete'])} shards scored"
             + (f", missing: {', '.join(state['missing'])}" if state["missing"] else "")
+            + (f", stale: {', '.join(state['stale'])}" if state.get("stale") else "")
         )
     if (home / "history").is_dir():  # an instance with runs (SQLite run storage)
         _quiet_dagster()

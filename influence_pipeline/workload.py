@@ -11,8 +11,10 @@ A :class:`Workload` is plain Python (callables, paths), handed to
   :class:`InMemoryShards`); a sensor registers new names as Dagster partitions and reports
   each shard's fingerprint so a changed shard is re-scored;
 * ``test_sets`` maps a test-set name to a callable returning its tensors;
-* ``fit_shards`` names the shards the curvature is fitted on (default: the shards present
-  when the definitions are built), so a new shard costs one shard of scoring, not a refit;
+* ``fit_shards`` names the shards the curvature is fitted on, so a new shard costs one
+  shard of scoring, not a refit; they are the block mapper's upstream, so a change of one
+  of them shows it stale and refits it. ``None`` fits on every shard: then any shard
+  change (or a new shard) refits;
 * ``method`` holds the defaults of the influence method; the Dagster Launchpad shows them
   as run config and can override them per run.
 """

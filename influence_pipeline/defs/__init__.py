@@ -33,9 +33,13 @@ def build_definitions(
     workload: Workload,
     store: str | None = None,
     gpu: bool | None = None,
+    shards_per_run: int = 16,
 ) -> dg.Definitions:
     """All definitions for ``workload``; ``store`` overrides the workload's store root;
-    ``gpu`` puts the scoring step in pool ``gpu`` (default: when torch sees a CUDA device)."""
+    ``gpu`` puts the scoring step in pool ``gpu`` (default: when torch sees a CUDA device);
+    a backfill of ``influence_scores`` scores up to ``shards_per_run`` partitions per run."""
+    if shards_per_run < 1:
+        raise ValueError(f"shards_per_run must be >= 1, got {shards_per_run}.")
     if gpu is None:
         import torch
 
@@ -45,7 +49,9 @@ def build_definitions(
     scores_def = dg.MultiPartitionsDefinition(
         {"test_set": test_sets_def, "train_shard": shards_def}
     )
-    assets = build_assets(workload, test_sets_def, shards_def, scores_def, gpu=gpu)
+    assets = build_assets(
+        workload, test_sets_def, shards_def, scores_def, gpu=gpu, shards_per_run=shards_per_run
+    )
     checks = build_checks(workload, SHARD_PARTITIONS)
     return dg.Definitions(
         assets=assets,

@@ -29,7 +29,7 @@ from ..analysis.markdown import frame_to_markdown
 from ..analysis.plots import audit_plot, markdown_image, score_histogram
 from ..analysis.tables import influence_tables, label_map
 from ..influence import TorchBatch
-from ..store import Provenance, ShardSpec
+from ..store import Provenance, ShardSpec, validate_name
 from ..store.provenance import model_fingerprint
 from ..workload import Workload
 from .automation import automation_condition
@@ -60,9 +60,19 @@ def _schema(frame: pd.DataFrame) -> dg.TableSchema:
 
 
 def _registered_shards(context: Any, workload: Workload, partitions_name: str) -> list[str]:
+    """The registered training shards that exist and hold at least one row (an empty shard
+    is skipped with a warning: it has nothing to score, fit or tabulate)."""
     registered = context.instance.get_dynamic_partitions(partitions_name)
     available = set(workload.shards.names())
-    return [s for s in registered if s in available]
+    shards = []
+    for shard in registered:
+        if shard not in available:
+            continue
+        if workload.shards.size(shard) == 0:
+            context.log.warning(f"Training shard {shard!r} has no rows: skipped.")
+            continue
+        shards.append(shard)
+    return shards
 
 
 def build_assets(
@@ -71,9 +81,11 @@ def build_assets(
     shards_def: dg.DynamicPartitionsDefinition,
     scores_def: dg.MultiPartitionsDefinition,
     gpu: bool = False,
+    shards_per_run: int = 16,
 ) -> list[Any]:
     """The source asset, the five assets and their in-asset checks for ``workload``; with
-    ``gpu`` the scoring step is in pool ``gpu`` (one at a time on the accelerator)."""
+    ``gpu`` the scoring step is in pool ``gpu`` (one at a time on the accelerator); a
+    backfill scores up to ``shards_per_run`` partitions per run."""
     MethodConfig = method_config_class(workload.method)
     condition = automation_condition()
     shards_name = str(shards_def.name)
@@ -94,11 +106,20 @@ def build_assets(
         )
 
     # ------------------------------------------------------------------ block mapper
+    fit_mapping: Any = (
+        dg.AllPartitionMapping()
+        if workload.fit_shards is None
+        else dg.SpecificPartitionsPartitionMapping(list(workload.fit_shards))
+    )
+
     @dg.asset(
         name="block_mapper",
         group_name=GROUP,
+        # the fit shards are its upstream: a changed fit shard shows it stale (and requests
+        # it) before anything runs
+        deps=[dg.AssetDep(training_shards, partition_mapping=fit_mapping)],
         code_version=f"{CODE_VERSIONS['block_mapper']}+{workload.method.digest()}",
-        automation_condition=condition,
+        automation_condition=automation_condition(on_observed_sources=True),
         kinds={"pytorch", "zarr"},
         description="The influence method fitted on the fit shards: the block-wise inverse "
         "curvature, persisted in the store (tensors + JSON, no pickle).",
@@ -282,6 +303,9 @@ def build_assets(
         automation_condition=condition,
         pool="gpu" if gpu else None,
         retry_policy=dg.RetryPolicy(max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL),
+        # a backfill (the UI's Materialize all, automation) scores up to shards_per_run
+        # partitions per run: the model is restored once and Dagster's per-run cost shared
+        backfill_policy=dg.BackfillPolicy.multi_run(max_partitions_per_run=shards_per_run),
         kinds={"pytorch", "zarr"},
         check_specs=[
             dg.AssetCheckSpec(
@@ -299,89 +323,34 @@ def build_assets(
             ),
         ],
         description="Scores of one training shard against one test set: its own column "
-        "range of the (n_test, n_train) scores array, its top-k and per-example statistics.",
+        "range of the (n_test, n_train) scores array, its top-k and per-example statistics. "
+        "One run scores one partition or a range of them.",
     )
     @fail_clearly
     def influence_scores(
         context: dg.AssetExecutionContext, config: ScoringConfig, store: InfluenceStoreResource
     ) -> dg.MaterializeResult:
         start = time.perf_counter()
-        partition: Any = context.partition_key
-        keys = partition.keys_by_dimension
-        test_set, shard = keys["test_set"], keys["train_shard"]
         artifacts = store.open()
-        record = artifacts.factors_record(test_set)
-        data = workload.shards.load(shard)
-        shard_fp = data_fingerprint(data)
-        allocated = artifacts.allocation(test_set)["shards"].get(shard)
-        if allocated is None or allocated["n_rows"] != len(data):
-            artifacts.allocate_shards(test_set, [ShardSpec(shard, len(data))])
-        existing = artifacts.shard_record(test_set, shard)
-        reused = (
-            existing is not None
-            and existing.get("data_fingerprint") == shard_fp
-            and existing.get("factors_fingerprint") == record["factors_fingerprint"]
-            and existing.get("top_k", 0) >= config.top_k
-        )
         device = resolve_device(config.device)
-        influence = restore(artifacts, workload, device, workload.batch_size)
-        if not reused:
-            result = artifacts.write_shard_scores(
-                test_set, shard, influence, data.loader(config.batch_size), top_k=config.top_k
+        influence = restore(artifacts, workload, device, workload.batch_size)  # once per run
+        parts, shapes = [], {}
+        for key in context.partition_keys:  # one key, or a range (BackfillPolicy.multi_run)
+            keys = scores_def.get_partition_key_from_str(str(key)).keys_by_dimension
+            test_set = validate_name(keys["test_set"], "test set partition key")
+            shard = validate_name(keys["train_shard"], "training shard partition key")
+            if test_set not in shapes:  # a shard's examples must look like the test points
+                shapes[test_set] = tuple(workload.test_set(test_set).x.shape[1:])
+            part = _score_shard(
+                artifacts, workload, influence, test_set, shard, config, device, shapes[test_set]
             )
-            existing = artifacts.shard_record(test_set, shard)
-            context.log.info(
-                f"Scored {result.n_rows} examples of {shard} in {result.seconds:.2f} s on {device}."
-            )
-        assert existing is not None
-        begin, end = existing["columns"]
-        scores = artifacts.scores_array(test_set)
-        # Every stored score is finite iff every column's min and max over the test points
-        # are (a NaN or inf makes its column's min or max NaN/inf). The writer computed them
-        # from the very blocks it wrote, and crc32c vouches for the bytes, so this covers
-        # all n_test x n_rows values at the cost of reading 2 x n_rows numbers.
-        low = artifacts._read(f"train_stats/{test_set}/{shard}/min", ...)
-        high = artifacts._read(f"train_stats/{test_set}/{shard}/max", ...)
-        finite = bool(np.isfinite(low).all() and np.isfinite(high).all()) and len(low) == len(data)
-        # spot-check: stored scores against a recomputation from the stored factors
-        factors, _ = artifacts.read_factors(test_set)
-        rows = sorted({0, len(data) // 2, len(data) - 1})[: config.spot_checks]
-        tests = sorted({0, factors.shape[0] // 2, factors.shape[0] - 1})[: config.spot_checks]
-        recomputed = (
-            influence.influences_from_factors(
-                torch.from_numpy(factors[tests]).to(device), data.x[rows], data.y[rows]
-            )
-            .double()
-            .cpu()
-            .numpy()
-        )
-        selection = (np.asarray(tests), np.asarray([begin + r for r in rows]))
-        stored = np.asarray(scores.get_orthogonal_selection(selection), dtype=np.float64)
-        error = float(np.abs(stored - recomputed).max() / max(np.abs(recomputed).max(), 1e-30))
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion(combine(record["factors_fingerprint"], shard_fp)),
-            metadata={
-                "test_set": test_set,
-                "train_shard": shard,
-                "n_rows": len(data),
-                "columns": dg.MetadataValue.json([int(begin), int(end)]),
-                "reused": reused,
-                "score_min": float(existing["score_min"]),
-                "score_max": float(existing["score_max"]),
-                "data_fingerprint": shard_fp,
-                "device": str(device),
-                "seconds": round(time.perf_counter() - start, 3),
-                "dagster/uri": f"{artifacts.url}/scores/{test_set}",
-            },
-            check_results=[
-                dg.AssetCheckResult(check_name="scores_finite", passed=finite),
-                dg.AssetCheckResult(
-                    check_name="scores_spot_check",
-                    passed=error < 1e-3,
-                    metadata={"max_relative_error": error, "checked": len(rows) * len(tests)},
-                ),
-            ],
-        )
+            parts.append(part)
+            what = "reused" if part["reused"] else f"scored on {device}"
+            if part["n_rows"] == 0:
+                what = "empty: skipped"
+                context.log.warning(f"Training shard {shard!r} has no rows: nothing to score.")
+            context.log.info(f"{test_set}|{shard}: {part['n_rows']} rows, {what}")
+        return _scores_result(parts, artifacts.url, str(device), time.perf_counter() - start)
 
     # ------------------------------------------------------------------ table
     @dg.asset(
@@ -506,7 +475,7 @@ def build_assets(
         )
         means = []
         for test_set in workload.test_sets:
-            totals = artifacts.read_table(f"{test_set}/train_totals")
+            totals = artifacts.read_table(f"{test_set}/train_totals", missing_ok=True)
             if totals is None:
                 raise dg.Failure(
                     description=f"influence_table[{test_set}] has not been written yet."
@@ -519,7 +488,7 @@ def build_assets(
         known = set(workload.known_mislabeled()) if workload.known_mislabeled else None
         if known is not None:
             audit["known_mislabeled"] = audit.train_id.isin(known)
-        previous = artifacts.read_table("audit/latest")
+        previous = artifacts.read_table("audit/latest", missing_ok=True)
         changes = compare_audits(previous, audit)
         stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
         latest_uri = artifacts.write_table("audit/latest", audit)
@@ -555,6 +524,155 @@ def build_assets(
     ]
 
 
+def _score_shard(
+    artifacts: Any,
+    workload: Workload,
+    influence: Any,
+    test_set: str,
+    shard: str,
+    config: ScoringConfig,
+    device: torch.device,
+    example_shape: tuple[int, ...],
+) -> dict[str, Any]:
+    """Score one shard against one test set's factors (or reuse the stored scores made from
+    the same shard data and factors) and check the result: every stored score finite, and a
+    few stored scores equal to a recomputation. Returns the partition's summary. A shard
+    whose examples do not have ``example_shape`` is a data error (ValueError, not retried);
+    an empty shard is skipped."""
+    record = artifacts.factors_record(test_set)
+    data = workload.shards.load(shard)
+    shard_fp = data_fingerprint(data)
+    if tuple(data.x.shape[1:]) != example_shape:
+        raise ValueError(
+            f"Training shard {shard!r} ({workload.shards.describe()}): x has shape "
+            f"{tuple(data.x.shape)}, expected (n, {', '.join(map(str, example_shape))}) like "
+            f"the points of test set {test_set!r}."
+        )
+    if len(data) == 0:
+        return {
+            "partition": f"{test_set}|{shard}",
+            "n_rows": 0,
+            "columns": [0, 0],
+            "reused": False,
+            "data_fingerprint": shard_fp,
+            "data_version": combine(record["factors_fingerprint"], shard_fp),
+            "finite": True,
+            "spot_error": 0.0,
+            "checked": 0,
+        }
+    # allocated before the fan-out by influence_factors; a late shard only where safe
+    artifacts.ensure_allocated(test_set, shard, len(data))
+    # verify: a lost or corrupt chunk makes the shard incomplete, so it is scored again
+    existing = artifacts.shard_record(test_set, shard, verify=True)
+    reused = (
+        existing is not None
+        and existing.get("data_fingerprint") == shard_fp
+        and existing.get("factors_fingerprint") == record["factors_fingerprint"]
+        and existing.get("top_k", 0) >= config.top_k
+    )
+    if not reused:
+        artifacts.write_shard_scores(
+            test_set, shard, influence, data.loader(config.batch_size), top_k=config.top_k
+        )
+        existing = artifacts.shard_record(test_set, shard)
+    assert existing is not None
+    begin, end = existing["columns"]
+    # Every stored score is finite iff every column's min and max over the test points
+    # are (a NaN or inf makes its column's min or max NaN/inf). The writer computed them
+    # from the very blocks it wrote, and crc32c vouches for the bytes, so this covers
+    # all n_test x n_rows values at the cost of reading 2 x n_rows numbers.
+    low = artifacts._read(f"train_stats/{test_set}/{shard}/min", ...)
+    high = artifacts._read(f"train_stats/{test_set}/{shard}/max", ...)
+    finite = bool(np.isfinite(low).all() and np.isfinite(high).all()) and len(low) == len(data)
+    # spot-check: stored scores against a recomputation from the stored factors
+    factors, _ = artifacts.read_factors(test_set)
+    rows = sorted({0, len(data) // 2, len(data) - 1})[: config.spot_checks]
+    tests = sorted({0, factors.shape[0] // 2, factors.shape[0] - 1})[: config.spot_checks]
+    recomputed = (
+        influence.influences_from_factors(
+            torch.from_numpy(factors[tests]).to(device), data.x[rows], data.y[rows]
+        )
+        .double()
+        .cpu()
+        .numpy()
+    )
+    selection = (np.asarray(tests), np.asarray([begin + r for r in rows]))
+    stored = np.asarray(artifacts.read_scores(test_set, *selection), dtype=np.float64)
+    error = float(np.abs(stored - recomputed).max() / max(np.abs(recomputed).max(), 1e-30))
+    return {
+        "partition": f"{test_set}|{shard}",
+        "n_rows": len(data),
+        "columns": [int(begin), int(end)],
+        "reused": reused,
+        "score_min": float(existing["score_min"]),
+        "score_max": float(existing["score_max"]),
+        "data_fingerprint": shard_fp,
+        "data_version": combine(record["factors_fingerprint"], shard_fp),
+        "finite": finite,
+        "spot_error": error,
+        "checked": len(rows) * len(tests),
+    }
+
+
+def _scores_result(
+    parts: Sequence[dict[str, Any]], url: str, device: str, seconds: float
+) -> dg.MaterializeResult:
+    """The materialization of one scoring run: one partition, or a range of them. A range
+    records one data version for all its partitions, the digest of theirs (Dagster keeps
+    one per run's output); a partition scored alone keeps its own."""
+    one = parts[0]
+    version = (
+        one["data_version"]
+        if len(parts) == 1
+        else combine(*sorted(f"{p['partition']}:{p['data_version']}" for p in parts))
+    )
+    test_set, shard = one["partition"].split("|", 1)
+    scored = [p for p in parts if p["n_rows"]]
+    metadata: dict[str, Any] = {
+        "partitions": len(parts),
+        "n_rows": sum(p["n_rows"] for p in parts),
+        "reused": all(p["reused"] for p in parts),
+        "device": device,
+        "seconds": round(seconds, 3),
+        "dagster/uri": f"{url}/scores/{test_set}",
+    }
+    if scored:
+        metadata["score_min"] = min(p["score_min"] for p in scored)
+        metadata["score_max"] = max(p["score_max"] for p in scored)
+    if len(parts) == 1:
+        metadata.update(
+            test_set=test_set,
+            train_shard=shard,
+            columns=dg.MetadataValue.json(one["columns"]),
+            data_fingerprint=one["data_fingerprint"],
+        )
+    else:
+        metadata["per_partition"] = dg.MetadataValue.json(
+            {p["partition"]: {k: p[k] for k in ("n_rows", "reused", "data_version")} for p in parts}
+        )
+    not_finite = [p["partition"] for p in parts if not p["finite"]]
+    worst = max(p["spot_error"] for p in parts)
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata=metadata,
+        check_results=[
+            dg.AssetCheckResult(
+                check_name="scores_finite",
+                passed=not not_finite,
+                metadata={"not_finite": dg.MetadataValue.json(not_finite)},
+            ),
+            dg.AssetCheckResult(
+                check_name="scores_spot_check",
+                passed=worst < 1e-3,
+                metadata={
+                    "max_relative_error": worst,
+                    "checked": sum(p["checked"] for p in parts),
+                },
+            ),
+        ],
+    )
+
+
 def _score_sample(
     artifacts: Any, test_set: str, shards: Sequence[str], limit: int = 200_000
 ) -> np.ndarray:
@@ -570,7 +688,7 @@ def _score_sample(
     keep = max(1, min(len(columns), limit // max(1, array.shape[0])))
     chosen = np.sort(columns[np.linspace(0, len(columns) - 1, keep).astype(np.int64)])
     return np.asarray(
-        array.get_orthogonal_selection((slice(None), chosen)), dtype=np.float64
+        artifacts.read_scores(test_set, slice(None), chosen), dtype=np.float64
     ).reshape(-1)
 
 

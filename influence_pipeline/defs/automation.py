@@ -31,15 +31,24 @@ NIGHTLY_CRON = "0 2 * * *"
 NIGHTLY_TIMEZONE = "UTC"
 
 
-def automation_condition() -> dg.AutomationCondition:
+def automation_condition(on_observed_sources: bool = False) -> dg.AutomationCondition:
     """Request a partition when it is missing, its code version changed, or an upstream
     partition's data version changed (not when an upstream re-ran with the same data); at
     the nightly tick, also when it is still missing or its latest run failed. Never while
-    an upstream is missing, failed a blocking check or is in progress."""
+    an upstream is missing, failed a blocking check or is in progress.
+
+    ``on_observed_sources`` (the block mapper, whose upstream is the fit shards): an upstream
+    *update* is the trigger instead, since Dagster 1.13's ``any_deps_match`` ignores a
+    ``SpecificPartitionsPartitionMapping`` from a partitioned upstream (any shard would
+    count) while ``any_deps_updated`` respects it; the shard sensor reports a shard only
+    when its fingerprint changed, so an update is a change there."""
     AC: Any = dg.AutomationCondition  # (its generic typing does not compose under mypy)
-    changed = (
-        AC.missing() | AC.code_version_changed() | AC.any_deps_match(AC.data_version_changed())
-    ).since_last_handled()
+    upstream = (
+        AC.any_deps_updated()
+        if on_observed_sources
+        else AC.any_deps_match(AC.data_version_changed())
+    )
+    changed = (AC.missing() | AC.code_version_changed() | upstream).since_last_handled()
     nightly = AC.cron_tick_passed(NIGHTLY_CRON, NIGHTLY_TIMEZONE) & (
         AC.missing() | AC.execution_failed()
     )
@@ -50,7 +59,11 @@ def automation_condition() -> dg.AutomationCondition:
         & AC.all_deps_blocking_checks_passed()
         & ~AC.any_deps_in_progress()
         & ~AC.in_progress()
-    ).with_label("missing, code or upstream data changed; nightly: missing or failed")
+    ).with_label(
+        "missing, code or upstream "
+        + ("updated" if on_observed_sources else "data changed")
+        + "; nightly: missing or failed"
+    )
 
 
 def nightly_check_condition() -> dg.AutomationCondition:

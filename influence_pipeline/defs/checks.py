@@ -72,7 +72,12 @@ def build_checks(workload: Workload, shards_name: str) -> list[Any]:
         context: dg.AssetCheckExecutionContext, store: InfluenceStoreResource
     ) -> dg.AssetCheckResult:
         artifacts = store.open(mode="r")
-        registered = context.instance.get_dynamic_partitions(shards_name)
+        available = set(workload.shards.names())
+        registered = [
+            s
+            for s in context.instance.get_dynamic_partitions(shards_name)
+            if s in available and workload.shards.size(s) > 0
+        ]  # the shards that exist and have rows (an empty shard is skipped)
         missing = []
         for test_set in workload.test_sets:
             complete = (

@@ -28,6 +28,8 @@ def change_shard(s, name):
 
 def test_changes_rescore_exactly_what_changed(setup):
     s = setup
+    s.workload.fit_shards = ["shard-0", "shard-2"]  # shard-1 is scored, not fitted on
+    s.defs = build_definitions(s.workload)
     s.run_all()
     result = settle(s)
     assert requested(result) == {}, "a complete run leaves nothing to do"
@@ -84,6 +86,7 @@ def test_method_change_in_code_is_a_code_version_change(setup):
     s.run_all()
     result = settle(s)
     assert requested(result) == {}
+    method = s.workload.method
     changed = s.workload
     changed.method = MethodSpec(method="direct", regularization=0.3)
     new_defs = build_definitions(changed)
@@ -91,6 +94,17 @@ def test_method_change_in_code_is_a_code_version_change(setup):
         defs=new_defs, instance=s.instance, cursor=result.cursor
     )
     assert requested(result) == {"block_mapper": [""]}
+    # back to the materialized code: a changed fit shard requests the block mapper (its
+    # upstream) before anything runs
+    s.workload.method = method
+    result = settle(s)
+    assert requested(result) == {}
+    change_shard(s, "shard-0")
+    s.register()
+    result = dg.evaluate_automation_conditions(
+        defs=s.defs, instance=s.instance, cursor=result.cursor
+    )
+    assert "block_mapper" in requested(result)
 
 
 def test_sensor_registers_a_new_shard(setup):

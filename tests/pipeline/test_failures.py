@@ -101,3 +101,25 @@ def test_non_finite_shard_fails_its_partition_only(setup):
         == []
     )
     assert torch.isfinite(torch.as_tensor(load_tensor_file(path).x)).all()
+    # a shard of the wrong shape is a data error: refused naming the shard, never retried
+    data = load_tensor_file(path)
+    save_tensor_file(path, ShardData(data.x[:, :10].contiguous(), data.y, data.ids))
+    s.register()
+    result = s.materialize("influence_scores", "validation|shard-2", raise_on_error=False)
+    assert not result.success
+    assert "Training shard 'shard-2'" in failure_message(result)
+    assert "expected (n, 64)" in failure_message(result)
+    assert sum(1 for e in result.all_events if e.event_type_value == "STEP_RESTARTED") == 0
+    shutil.copy(backup, path)
+    # an empty shard is skipped with a warning: scoring succeeds, the tables do not wait for it
+    empty = ShardData(data.x[:0], data.y[:0], data.ids[:0])
+    save_tensor_file(s.data_dir / "train" / "shard-7.pt", empty)
+    s.register()
+    scored = s.materialize("influence_scores", "validation|shard-7")
+    assert (
+        scored.get_asset_materialization_events()[0].materialization.metadata["n_rows"].value == 0
+    )
+    table = s.materialize("influence_table", "validation")
+    assert {c.check_name: c.passed for c in table.get_asset_check_evaluations()} == {
+        "all_shards_present": True
+    }
