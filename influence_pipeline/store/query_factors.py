@@ -254,13 +254,38 @@ class StoredQueryFactors:
     @property
     def row_block(self) -> int:
         """Test rows per block that reads whole chunks of every array (the smallest row
-        chunk over the layers)."""
+        chunk over the layers, as written)."""
+        chunks = self.record["chunks"]
         sizes = [
-            _rows_per_chunk(shape, np.dtype(self.record["dtype"]).itemsize)
+            int(chunks[f"{self.path}/layers/{layer['group']}/{kind}"]["chunks"][0])
             for layer in self.record["layers"]
-            for shape in layer["shapes"].values()
+            for kind in layer["shapes"]
         ]
         return max(1, min(sizes))
+
+    def _layers(self, selection: Any) -> QueryFactors:
+        layers: OrderedDict[str, LayerQuery] = OrderedDict()
+        for layer in self.record["layers"]:
+            tensors = {
+                kind: torch.from_numpy(
+                    np.ascontiguousarray(
+                        self.store._read(f"{self.path}/layers/{layer['group']}/{kind}", selection)
+                    )
+                )
+                for kind in layer["shapes"]
+            }
+            layers[layer["name"]] = LayerQuery(**tensors)
+        return QueryFactors(layers, self.rank)
+
+    def select(self, positions: Sequence[int]) -> QueryFactors:
+        """Query factors of the test rows at ``positions`` (e.g. a spot-check's few rows)."""
+        index = [int(p) for p in positions]
+        if not index or not all(0 <= p < self.n_rows for p in index):
+            raise StoreError(
+                f"positions {index} must be a non-empty list within the {self.n_rows} test "
+                f"rows of {self.test_set!r}."
+            )
+        return self._layers((index,))
 
     def rows(self, start: int, stop: int) -> QueryFactors:
         """Query factors of test rows [start, stop) as tensors (the stored dtype)."""
@@ -269,20 +294,7 @@ class StoredQueryFactors:
                 f"rows({start}, {stop}) is outside the {self.n_rows} test rows of "
                 f"{self.test_set!r}."
             )
-        layers: OrderedDict[str, LayerQuery] = OrderedDict()
-        for layer in self.record["layers"]:
-            tensors = {
-                kind: torch.from_numpy(
-                    np.ascontiguousarray(
-                        self.store._read(
-                            f"{self.path}/layers/{layer['group']}/{kind}", slice(start, stop)
-                        )
-                    )
-                )
-                for kind in layer["shapes"]
-            }
-            layers[layer["name"]] = LayerQuery(**tensors)
-        return QueryFactors(layers, self.rank)
+        return self._layers(slice(start, stop))
 
     def all(self) -> QueryFactors:
         return self.rows(0, self.n_rows)

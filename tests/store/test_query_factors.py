@@ -83,6 +83,12 @@ def test_round_trip_and_lazy_rows(tmp_path, small_chunks):
         torch.testing.assert_close(
             block.layers[name].matrix(), query.matrix()[4:11], rtol=1e-10, atol=1e-12
         )
+    picked = stored.select([2, 17, 29])  # a spot-check's rows
+    for name, query in expected.layers.items():
+        torch.testing.assert_close(
+            picked.layers[name].matrix(), query.matrix()[[2, 17, 29]], rtol=1e-10, atol=1e-12
+        )
+    assert stored.row_block == 1176 // (8 * 2 * 8)  # layer "2": right (1, r=2, in=7+1) float64
     np.testing.assert_array_equal(store.test_ids("val"), np.arange(30))
     # rows() reads only its chunks: with the last chunk of a layer gone after opening,
     # early rows still load and the rows of that chunk name it
