@@ -112,3 +112,29 @@ def test_tiny_config_end_to_end_through_the_store(text, sequences, model, tmp_pa
     query_text = g.window_text(text, int(s.test_ids[0]), 16).replace("\n", "⏎")
     assert f"query {int(s.test_ids[0])}: {query_text!r}" in report
     assert report.count("helpful #1") == 4 and report.count("helpful #2") == 4
+
+
+def test_the_workload_writes_nothing_until_used_and_builds_a_sampled_fisher_ekfac(tmp_path):
+    workload = g.tiny_gpt_workload(
+        tmp_path / "data",
+        n_shards=2,
+        n_test=4,
+        store=str(tmp_path / "store"),
+        config=TINY,
+        budget=g.TrainConfig(steps=2, batch_size=4),
+        max_bytes=4000,
+        cache_dir=tmp_path / "cache",
+    )
+    assert not any(tmp_path.iterdir())  # building it wrote nothing
+    assert workload.shards.names() == ["shard-0", "shard-1"]
+    heldout = workload.test_set("heldout")
+    assert tuple(heldout.x.shape) == (4, 16) and heldout.x.dtype == torch.int64
+    model = workload.load_model()
+    influence = workload.method.build(model, workload.loss)
+    assert influence.fisher == "sampled" and influence.modules == [
+        "blocks.0.attn.qkv",
+        "blocks.0.attn.proj",
+        "blocks.0.fc",
+        "blocks.0.out",
+        "head",
+    ]
