@@ -332,6 +332,10 @@ class Workload:
     #: mislabeled (the bundled example flips some labels on purpose).
     known_mislabeled: Callable[[], Iterable[int]] | None = None
     description: str = ""
+    #: Optional: ``retrain(x, y, seed)`` trains a fresh model on a training subset the way the
+    #: checkpoint was trained; with it the definitions gain the on-demand quality assets
+    #: (LDS against retraining, mislabel metrics, the methods comparison).
+    retrain: Callable[[torch.Tensor, torch.Tensor, int], torch.nn.Module] | None = None
 
     def __post_init__(self) -> None:
         if not self.test_sets:

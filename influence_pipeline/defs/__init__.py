@@ -4,6 +4,9 @@ The graph (see ``assets.py``): training_shards → block_mapper → influence_fa
 → influence_scores[test_set|train_shard] → influence_table[test_set] → data_audit, with
 in-asset blocking checks, whole-store checks, the named main job (``jobs.py``), a
 training-shard sensor and declarative automation with a nightly pass (``automation.py``).
+A workload with a ``retrain`` function also gets the on-demand quality assets (group
+``quality``: LDS against retraining, mislabel metrics, the methods comparison; ``quality.py``),
+which no automation and no main job materializes.
 Runs execute in process: a partitioned run here is one step, and a step subprocess of the
 multiprocess executor costs about 6 s of imports (torch, dagster) per run for no
 parallelism; runs still run side by side, each in its own process, under the run queue.
@@ -53,6 +56,10 @@ def build_definitions(
         workload, test_sets_def, shards_def, scores_def, gpu=gpu, shards_per_run=shards_per_run
     )
     checks = build_checks(workload, SHARD_PARTITIONS)
+    if workload.retrain is not None:
+        from .quality import build_quality_assets
+
+        assets = [*assets, *build_quality_assets(workload, workload.retrain)]
     return dg.Definitions(
         assets=assets,
         asset_checks=checks,

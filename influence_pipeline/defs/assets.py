@@ -744,7 +744,7 @@ def _audit_examples(
         )
         labels = label_map(data.ids.numpy(), data.y.numpy())
         if labels is not None:
-            frame["label"] = frame.train_id.map(labels).astype("Int64")
+            frame["train_label"] = frame.train_id.map(labels).astype("Int64")
         frames.append(frame)
         images.append(data.x.reshape(len(data), -1).numpy())
     examples = pd.concat(frames, ignore_index=True)
@@ -788,7 +788,7 @@ def audit_summary(audit: pd.DataFrame, changes: dict[str, Any], known: set[int] 
         "suspicion",
         "train_id",
         "train_shard",
-        *(["label"] if "label" in audit else []),
+        *(["train_label"] if "train_label" in audit else []),
         "self_influence",
         "loss",
         "mean_influence",

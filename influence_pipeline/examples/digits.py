@@ -265,8 +265,16 @@ def digits_workload(
         batch_size=256,
         store=store,
         known_mislabeled=lambda: data().train_ids[data().flipped].tolist(),
+        retrain=_retrain_bundled,
         description=(
             "scikit-learn's 8x8 digits, an MLP 64-32-10, 3 % of the training labels flipped "
             "on purpose (the audit should find them)."
         ),
     )
+
+
+def _retrain_bundled(x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.nn.Module:
+    """Retrain the bundled MLP on a training subset (for the quality assets' LDS)."""
+    from .digits_memorizing import BUNDLED, retrainer
+
+    return retrainer(BUNDLED)(x, y, seed)
