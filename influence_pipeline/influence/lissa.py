@@ -159,11 +159,16 @@ class LissaOperator(TensorOperator):
             change = torch.linalg.vector_norm(delta, dim=1)
             h_work.add_(delta)
             norm = torch.linalg.vector_norm(h_work, dim=1)
-            if not all_finite(norm) and not all_finite(h_work):  # else: the norm overflowed
-                raise ValueError(
-                    "LiSSA diverged (NaN/inf): increase scale (it must exceed the largest "
-                    "curvature eigenvalue) or dampen."
-                )
+            if not all_finite(norm):
+                if not all_finite(h_work):
+                    raise ValueError(
+                        "LiSSA diverged (NaN/inf): increase scale (it must exceed the largest "
+                        "curvature eigenvalue) or dampen."
+                    )
+                # Finite entries whose norm overflows the dtype (float16/float32): judge
+                # convergence in float64, never as inf <= rtol·inf.
+                change = torch.linalg.vector_norm(delta, dim=1, dtype=torch.float64)
+                norm = torch.linalg.vector_norm(h_work, dim=1, dtype=torch.float64)
             done = change <= self.rtol * norm
             if bool(done.any()):
                 result[rows[done]] = h_work[done]

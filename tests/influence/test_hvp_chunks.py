@@ -67,3 +67,18 @@ def test_chunked_products_equal_unchunked(kind, monkeypatch):
     for k in (0, 8):  # each row equals its product computed alone
         alone = provider.hessian_prod_sum(batch, vectors[k : k + 1])
         assert rel_error(chunked[k], alone[0]) < 1e-12
+
+
+def test_lissa_divergence_in_float32_raises_instead_of_converging():
+    """A scale below the largest eigenvalue makes LiSSA diverge; in float32 the iterate's
+    norm overflows before its entries do, and that must not pass as convergence."""
+    from influence_pipeline.influence import LissaInfluence
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 2)
+    x, y = 30 * torch.randn(20, 4), torch.randint(0, 2, (20,))
+    lissa = LissaInfluence(
+        model, F.cross_entropy, 0.0, maxiter=2000, scale=0.01, warn_on_max_iteration=False
+    ).fit([(x, y)])
+    with pytest.raises(ValueError, match="LiSSA diverged"):
+        lissa.influence_factors(x[:3], y[:3])
