@@ -14,9 +14,13 @@ and which training sequences made it predict held-out text.
   and a GELU MLP, a final LayerNorm and an untied ``nn.Linear`` head. The default
   (d_model 256, 3 blocks, 4 heads) has 2.5M parameters, 2.4M of them in ``nn.Linear``
   layers, which EK-FAC factors; embeddings and LayerNorms are left out (logged).
-* **Training** (:func:`train`): AdamW on the mean next-byte cross-entropy, seeded; the
-  default budget takes a few minutes on 2 CPU cores and is cached like the digits
-  example's model (:func:`cached_checkpoint`).
+* **Training** (:func:`train`): AdamW on the mean next-byte cross-entropy, seeded, cached
+  like the digits example's model (:func:`cached_checkpoint`). Measured (``python -m
+  influence_pipeline.examples.tiny_gpt``, 2 shared CPU cores under a load of ~5, so
+  wall times are high): 200 steps in 777 s wall, held-out loss 2.43 nats per byte (ln 256
+  = 5.55 untrained); attribution of 16 held-out windows to 5,500 training windows 1,309 s
+  wall, of which the EK-FAC fit ~1,245 s, rank-32 query factors 2.3 s (26 MB against
+  156 MB dense) and scoring the 4 shards 58 s; peak RSS 0.98 GB.
 * **Attribution** (:func:`attribute`): EK-FAC with the sampled (or empirical) Fisher, the
   per-example loss summed over positions (the engine's convention for (B, T, V) outputs),
   per-layer scores, and compressed (rank-r) query factors stored in an
