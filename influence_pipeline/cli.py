@@ -11,6 +11,9 @@ Commands:
 Paths do not depend on the current directory: the instance is --home, else $DAGSTER_HOME,
 else <project>/dagster_home; the store is --store, else $INFLUENCE_STORE, else
 <project>/influence_store (<project>: the source checkout this package runs from).
+`run --example tiny-gpt` (and `ui --example tiny-gpt`) use the GPT example instead of
+the digits: a byte-level transformer trained on first use on the standard library's
+docstrings; its default store is <project>/influence_store-tiny-gpt.
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from typing import Any
 
 from .project import default_home, default_store, project_root
 
-EXAMPLES = ("digits",)
+#: The bundled workloads (see influence_pipeline.definitions).
+EXAMPLES = ("digits", "tiny-gpt")
 #: Dagster's run tags for a run over a range of partitions (as a backfill sets them).
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"
@@ -112,7 +116,8 @@ def run_pipeline(
         if not result.success:
             print(f"[{i:2d}/{len(steps)}] {label:48s} FAILED", file=out)
             for event in result.all_events:
-                if event.is_failure and event.step_failure_data is not None:
+                # only step failures carry step_failure_data (a RUN_FAILURE event raises)
+                if event.is_step_failure:
                     data = event.step_failure_data
                     user = data.user_failure_data
                     print(user.description if user and user.description else data.error, file=out)
@@ -138,7 +143,11 @@ def _paths(args: argparse.Namespace) -> tuple[Path, str]:
             "No project checkout next to the package and no DAGSTER_HOME: pass --home DIR "
             "(the Dagster instance folder)."
         )
+    example = getattr(args, "example", "digits")
     store = args.store or default_store()
+    if not args.store and not os.environ.get("INFLUENCE_STORE") and example != "digits":
+        store += f"-{example}"  # one store per workload
+    os.environ["INFLUENCE_EXAMPLE"] = example
     if store and "://" not in store:
         store = str(Path(store).resolve())
     os.environ["DAGSTER_HOME"] = str(home)
@@ -172,8 +181,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     _quiet_dagster()
     import dagster as dg
 
-    from .definitions import defs, workload
-    from .defs import JOB_OF
+    from .definitions import example_workload
+    from .defs import JOB_OF, build_definitions
+
+    workload = example_workload(args.example, store)
+    defs = build_definitions(workload)
     from .defs.config import validate_run_config
 
     test_sets = args.test_set or list(workload.test_sets)
@@ -305,6 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--rows", type=int, default=15, help="flagged examples to show")
     audit.set_defaults(handler=cmd_audit)
     ui = sub.add_parser("ui", help="open Dagster's UI on the project's instance")
+    ui.add_argument("--example", choices=EXAMPLES, default="digits", help="bundled workload")
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=3000)
     ui.set_defaults(handler=cmd_ui)

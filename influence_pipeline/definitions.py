@@ -1,14 +1,35 @@
-"""Module-level ``defs`` for ``dagster dev`` / ``workspace.yaml``: the bundled digits workload.
+"""Module-level ``defs`` for ``dagster dev`` / ``workspace.yaml``: a bundled workload.
 
-Importing it trains nothing and writes nothing (the example's files and model are made on
-first use). The store is ``INFLUENCE_STORE`` if set, else ``<project>/influence_store``
-(see ``influence_pipeline.project``). Point the pipeline at your own model and data with
-``build_definitions(my_workload)`` from your own module (see README.md).
+``INFLUENCE_EXAMPLE`` chooses it: ``digits`` (the default) or ``tiny-gpt`` (the GPT
+example: a byte-level causal transformer, held-out sequences attributed to training
+sequences with EK-FAC). Importing it trains nothing and writes nothing (the example's files
+and model are made on first use). The store is ``INFLUENCE_STORE`` if set, else
+``<project>/influence_store`` (see ``influence_pipeline.project``). Point the pipeline at
+your own model and data with ``build_definitions(my_workload)`` from your own module (see
+README.md).
 """
+
+import os
 
 from .defs import build_definitions
 from .examples.digits import digits_workload
 from .project import default_store
+from .workload import Workload
 
-workload = digits_workload(store=default_store())
+#: The bundled workloads, by the name ``--example`` / ``INFLUENCE_EXAMPLE`` take.
+EXAMPLES = ("digits", "tiny-gpt")
+
+
+def example_workload(name: str, store: str) -> Workload:
+    """The bundled workload ``name`` writing into ``store``."""
+    if name == "digits":
+        return digits_workload(store=store)
+    if name == "tiny-gpt":
+        from .examples.tiny_gpt import tiny_gpt_workload
+
+        return tiny_gpt_workload(store=store)
+    raise ValueError(f"example={name!r} is not one of {', '.join(EXAMPLES)}.")
+
+
+workload = example_workload(os.environ.get("INFLUENCE_EXAMPLE") or "digits", default_store())
 defs = build_definitions(workload)

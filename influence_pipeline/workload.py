@@ -199,6 +199,23 @@ class Method(enum.Enum):
     ihm = "ihm"
 
 
+class Fisher(enum.Enum):
+    """EK-FAC's curvature: per-class passes, labels sampled from the model, or true labels."""
+
+    exact = "exact"
+    sampled = "sampled"
+    empirical = "empirical"
+
+
+#: MethodSpec fields that only EK-FAC takes, with their defaults.
+_EKFAC_DEFAULTS: dict[str, Any] = {
+    "fisher": "exact",
+    "fisher_samples": 1,
+    "query_rank": None,
+    "modules": None,
+}
+
+
 @dataclass(frozen=True)
 class MethodInfo:
     """One row of :data:`METHOD_TABLE`: the class and how the pipeline builds and restores it."""
@@ -261,6 +278,11 @@ class MethodSpec:
     ``maxiter`` for CG, ``update_diagonal`` for EK-FAC, ``seed`` for the randomised ones).
     ``method``, ``block_structure`` and ``second_order_mode`` take the enum or its value;
     a bad value, a negative regularization or a rank below 1 is refused here.
+
+    EK-FAC only: ``fisher`` (exact | sampled | empirical) with ``fisher_samples`` labels
+    per example for ``sampled``; ``query_rank`` (None: dense (n_test, P) factors; an int
+    >= 1: per-layer query factors of that rank in the store) and ``modules`` (layer names;
+    None: every supported layer). Another method with a non-default one of these is refused.
     """
 
     method: str = "direct"
@@ -269,6 +291,10 @@ class MethodSpec:
     block_structure: str = "full"
     second_order_mode: str = "hessian"
     options: Mapping[str, Any] = field(default_factory=dict)
+    fisher: str = "exact"
+    fisher_samples: int = 1
+    query_rank: int | None = None
+    modules: Sequence[str] | None = None
 
     def __post_init__(self) -> None:
         # normalise enums to their values (the JSON form and the digest use plain strings)
@@ -282,16 +308,65 @@ class MethodSpec:
             raise ValueError(f"regularization must be >= 0 or None, got {self.regularization!r}.")
         if self.rank < 1:
             raise ValueError(f"rank must be >= 1, got {self.rank!r}.")
+        object.__setattr__(self, "fisher", parse_choice(Fisher, self.fisher, "fisher").value)
+        if (
+            isinstance(self.fisher_samples, bool)
+            or not isinstance(self.fisher_samples, int)
+            or self.fisher_samples < 1
+        ):
+            raise ValueError(
+                f"fisher_samples must be an integer >= 1, got {self.fisher_samples!r}."
+            )
+        if self.query_rank is not None and (
+            isinstance(self.query_rank, bool)
+            or not isinstance(self.query_rank, int)
+            or self.query_rank < 1
+        ):
+            raise ValueError(
+                f"query_rank must be None (dense factors) or an integer >= 1, got "
+                f"{self.query_rank!r}."
+            )
+        if self.modules is not None:
+            if isinstance(self.modules, str) or not all(isinstance(m, str) for m in self.modules):
+                raise ValueError(
+                    f"modules must be None or a list of layer names, got {self.modules!r}."
+                )
+            object.__setattr__(self, "modules", tuple(self.modules))
+        if self.method != Method.ekfac.value:
+            given = {
+                name: getattr(self, name)
+                for name, default in _EKFAC_DEFAULTS.items()
+                if getattr(self, name) != default
+            }
+            if given:
+                raise ValueError(
+                    f"{', '.join(f'{k}={v!r}' for k, v in given.items())} only apply to "
+                    f"method='ekfac', not method={self.method!r}."
+                )
+        clash = sorted(set(self.options) & {"fisher", "fisher_samples", "modules", "loss"})
+        if clash:
+            raise ValueError(
+                f"options {clash} are MethodSpec fields (fisher=, fisher_samples=, modules=) "
+                "or the workload's loss; set them there, not in options."
+            )
 
     @property
     def info(self) -> MethodInfo:
         return METHOD_TABLE[Method(self.method)]
 
     def to_json(self) -> dict[str, Any]:
-        return {**asdict(self), "options": dict(self.options)}
+        modules = None if self.modules is None else list(self.modules)
+        return {**asdict(self), "options": dict(self.options), "modules": modules}
 
     def digest(self) -> str:
-        text = json.dumps(self.to_json(), sort_keys=True, default=str)
+        # EK-FAC fields at their defaults are left out: specs written before they existed
+        # keep their digest (and their materializations stay current)
+        data = {
+            k: v
+            for k, v in self.to_json().items()
+            if not (k in _EKFAC_DEFAULTS and v == _EKFAC_DEFAULTS[k])
+        }
+        text = json.dumps(data, sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=6).hexdigest()
 
     def build(self, model: torch.nn.Module, loss: LossType) -> TorchComposableInfluence:
@@ -303,6 +378,10 @@ class MethodSpec:
                 model,
                 update_diagonal=bool(options.pop("update_diagonal", True)),
                 hessian_regularization=float(self.regularization or 0.0),
+                fisher=self.fisher,
+                fisher_samples=self.fisher_samples,
+                modules=None if self.modules is None else list(self.modules),
+                loss=loss,
                 **options,
             )
         kwargs: dict[str, Any] = {"regularization": self.regularization, **options}
@@ -336,6 +415,10 @@ class Workload:
     #: checkpoint was trained; with it the definitions gain the on-demand quality assets
     #: (LDS against retraining, mislabel metrics, the methods comparison).
     retrain: Callable[[torch.Tensor, torch.Tensor, int], torch.nn.Module] | None = None
+    #: Optional: ``describe(top_k)`` renders a ``top_k`` table (test_id, kind, rank,
+    #: train_id, score) as readable text (the GPT example: each query's most influential
+    #: training sequences); influence_table shows it in its preview.
+    describe: Callable[[Any], str] | None = None
 
     def __post_init__(self) -> None:
         if not self.test_sets:

@@ -29,6 +29,7 @@ from ..analysis.markdown import frame_to_markdown
 from ..analysis.plots import audit_plot, markdown_image, score_histogram
 from ..analysis.tables import influence_tables, label_map
 from ..influence import TorchBatch
+from ..influence.layer_gradients import per_example_losses
 from ..store import Provenance, ShardSpec, validate_name
 from ..store.provenance import model_fingerprint
 from ..workload import Workload
@@ -73,6 +74,33 @@ def _registered_shards(context: Any, workload: Workload, partitions_name: str) -
             continue
         shards.append(shard)
     return shards
+
+
+def _query_rank(context: Any, workload: Workload) -> int | None:
+    """The query rank of the current block mapper's method (the config its latest
+    materialization recorded, so a Launchpad choice carries over; else the workload's)."""
+    event = context.instance.get_latest_materialization_event(dg.AssetKey("block_mapper"))
+    materialization = None if event is None else event.asset_materialization
+    if materialization is not None:
+        config = materialization.metadata.get("config")
+        value = getattr(config, "value", None)
+        if isinstance(value, dict) and "query_rank" in value:
+            rank = value["query_rank"]
+            return None if rank is None else int(rank)
+    return workload.method.query_rank
+
+
+def _non_finite_factors(artifacts: Any, test_set: str, record: dict[str, Any]) -> int:
+    """How many stored factor values of ``test_set`` are NaN or inf (query factors are
+    read one row block at a time)."""
+    if record.get("kind") != "query":
+        values, _ = artifacts.read_factors(test_set)
+        return int((~np.isfinite(values)).sum())
+    count = 0
+    for _, block in artifacts.query_factors(test_set).blocks():
+        for tensor in block.tensors().values():
+            count += int((~torch.isfinite(tensor)).sum())
+    return count
 
 
 def build_assets(
@@ -180,7 +208,9 @@ def build_assets(
         group_name=GROUP,
         partitions_def=test_sets_def,
         deps=[block_mapper],
-        code_version=CODE_VERSIONS["influence_factors"],
+        # a query rank set in the workload's method is part of what the factors are
+        code_version=CODE_VERSIONS["influence_factors"]
+        + ("" if workload.method.query_rank is None else f"+q{workload.method.query_rank}"),
         automation_condition=condition,
         kinds={"pytorch", "zarr"},
         check_specs=[
@@ -220,22 +250,36 @@ def build_assets(
                 record = artifacts.factors_record(test_set)
             except ValueError:
                 record = None
+        query_rank = _query_rank(context, workload)
+        kind = "dense" if query_rank is None else "query"
         reused = (
             record is not None
             and record.get("block_mapper_digest") == info["digest"]
             and record.get("data_fingerprint") == test_fp
             and record.get("dtype") == config.dtype.value
+            and record.get("kind", "dense") == kind
+            and (query_rank is None or record.get("rank") == query_rank)
         )
         device = resolve_device(config.device)
         if not reused:
             influence = restore(artifacts, workload, device, workload.batch_size)
-            record = artifacts.write_factors(
+            write: Any = artifacts.write_factors
+            extra: dict[str, Any] = {}
+            if query_rank is not None:
+                if not hasattr(influence, "compressed_factors"):
+                    raise ValueError(
+                        f"query_rank={query_rank} needs an EK-FAC block mapper, the stored one "
+                        f"is {info['provenance']['method']}: materialize block_mapper again."
+                    )
+                write, extra = artifacts.write_query_factors, {"rank": query_rank}
+            record = write(
                 test_set,
                 influence,
                 data.loader(config.batch_size),
                 dtype=config.dtype.value,
                 n_rows=len(data),
                 annotations={"block_mapper_digest": info["digest"]},
+                **extra,
             )
         assert record is not None
         # allocate every registered shard once, here, before the scoring partitions fan out
@@ -243,8 +287,7 @@ def build_assets(
         allocation = artifacts.allocate_shards(
             test_set, [ShardSpec(s, workload.shards.size(s)) for s in shards]
         )
-        values, _ = artifacts.read_factors(test_set)
-        finite = bool(np.isfinite(values).all())
+        non_finite = _non_finite_factors(artifacts, test_set, record)
         stored = Provenance.from_json(record["provenance"])
         current = Provenance.from_json(info["provenance"])
         differences = [
@@ -253,6 +296,19 @@ def build_assets(
             if json.dumps(getattr(stored, f), sort_keys=True, default=str)
             != json.dumps(getattr(current, f), sort_keys=True, default=str)
         ]
+        itemsize = np.dtype(record["dtype"]).itemsize
+        dense_bytes = int(record["n_rows"]) * int(record["n_parameters"]) * itemsize
+        shape_info: dict[str, Any] = {
+            "kind": record.get("kind", "dense"),
+            "nbytes": int(record.get("nbytes", dense_bytes)),
+            "dense_nbytes": dense_bytes,
+        }
+        if record.get("kind") == "query":
+            shape_info.update(
+                rank=record.get("rank"),
+                fisher=record.get("fisher"),
+                modules=dg.MetadataValue.json(list(record["modules"])),
+            )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(record["factors_fingerprint"]),
             metadata={
@@ -260,6 +316,7 @@ def build_assets(
                 "shape": dg.MetadataValue.json(
                     [int(record["n_rows"]), int(record["n_parameters"])]
                 ),
+                **shape_info,
                 "dtype": record["dtype"],
                 "reused": reused,
                 "block_mapper_digest": info["digest"],
@@ -273,8 +330,8 @@ def build_assets(
             check_results=[
                 dg.AssetCheckResult(
                     check_name="factors_finite",
-                    passed=finite,
-                    metadata={"non_finite": int((~np.isfinite(values)).sum())},
+                    passed=non_finite == 0,
+                    metadata={"non_finite": non_finite},
                 ),
                 dg.AssetCheckResult(
                     check_name="factors_match_block_mapper",
@@ -424,6 +481,9 @@ def build_assets(
             f"{frame_to_markdown(totals.head(10), 10)}\n\n"
             + markdown_image(plot, "score histogram")
         )
+        if workload.describe is not None:  # e.g. the GPT example's sequences as text
+            text = workload.describe(top).replace("```", "` ` `")
+            preview += f"\n\nMost influential training examples:\n\n```\n{text}\n```"
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
             metadata={
@@ -571,8 +631,14 @@ def _score_shard(
         and existing.get("top_k", 0) >= config.top_k
     )
     if not reused:
+        extra = {"query_rank": record.get("rank")} if record.get("kind") == "query" else {}
         artifacts.write_shard_scores(
-            test_set, shard, influence, data.loader(config.batch_size), top_k=config.top_k
+            test_set,
+            shard,
+            influence,
+            data.loader(config.batch_size),
+            top_k=config.top_k,
+            **extra,
         )
         existing = artifacts.shard_record(test_set, shard)
     assert existing is not None
@@ -585,16 +651,20 @@ def _score_shard(
     high = artifacts._read(f"train_stats/{test_set}/{shard}/max", ...)
     finite = bool(np.isfinite(low).all() and np.isfinite(high).all()) and len(low) == len(data)
     # spot-check: stored scores against a recomputation from the stored factors
-    factors, _ = artifacts.read_factors(test_set)
     rows = sorted({0, len(data) // 2, len(data) - 1})[: config.spot_checks]
-    tests = sorted({0, factors.shape[0] // 2, factors.shape[0] - 1})[: config.spot_checks]
-    recomputed = (
-        influence.influences_from_factors(
-            torch.from_numpy(factors[tests]).to(device), data.x[rows], data.y[rows]
+    n_test = int(record["n_rows"])
+    tests = sorted({0, n_test // 2, n_test - 1})[: config.spot_checks]
+    if record.get("kind") == "query":  # per-layer factors: read only the checked rows
+        chosen: Any = (
+            artifacts.query_factors(test_set)
+            .select(tests)
+            .to(influence.model_device, influence.model_dtype)
         )
-        .double()
-        .cpu()
-        .numpy()
+    else:
+        factors, _ = artifacts.read_factors(test_set)
+        chosen = torch.from_numpy(factors[tests]).to(device)
+    recomputed = (
+        influence.influences_from_factors(chosen, data.x[rows], data.y[rows]).double().cpu().numpy()
     )
     selection = (np.asarray(tests), np.asarray([begin + r for r in rows]))
     stored = np.asarray(artifacts.read_scores(test_set, *selection), dtype=np.float64)
@@ -718,12 +788,11 @@ def _audit_examples(
         else:
             if influence is None:
                 influence = restore(artifacts, workload, device, workload.batch_size)
-            provider = influence.full_gradient_provider()
             self_influence, losses = [], []
             for start in range(0, len(data), batch_size):
                 x, y = data.x[start : start + batch_size], data.y[start : start + batch_size]
                 self_influence.append(influence.self_influences(x, y).double().cpu().numpy())
-                losses.append(provider.per_sample_losses(TorchBatch(x, y)).double().cpu().numpy())
+                losses.append(_per_example_losses(influence, x, y).double().cpu().numpy())
             values = {
                 "ids": data.ids.numpy(),
                 "self_influence": np.concatenate(self_influence),
@@ -753,6 +822,19 @@ def _audit_examples(
     side = round(float(np.sqrt(flat.shape[1]))) if flat is not None else 0
     square = flat is not None and side * side == flat.shape[1] and side <= 64
     return examples, (flat if square else None), computed
+
+
+def _per_example_losses(influence: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Each example's loss: for EK-FAC (any model it takes: (B, C), (B, T, V) or ``.logits``
+    outputs) the engine's convention, a sequence's loss summed over its positions; for the
+    other methods their gradient provider's."""
+    if not hasattr(influence, "compressed_factors"):
+        return influence.full_gradient_provider().per_sample_losses(TorchBatch(x, y))
+    device = influence.model_device
+    with torch.no_grad():
+        output = influence.model(x.to(device))
+        logits = getattr(output, "logits", output)
+        return per_example_losses(influence.loss, logits, y.to(device))
 
 
 def audit_summary(audit: pd.DataFrame, changes: dict[str, Any], known: set[int] | None) -> str:

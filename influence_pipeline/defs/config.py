@@ -14,7 +14,7 @@ from typing import Any
 import dagster as dg
 from pydantic import Field, ValidationError
 
-from ..workload import Method, MethodSpec
+from ..workload import Fisher, Method, MethodSpec
 
 
 class BlockStructure(enum.Enum):
@@ -66,6 +66,24 @@ def method_config_class(defaults: MethodSpec) -> type[dg.Config]:
             default=json.dumps(dict(defaults.options), sort_keys=True),
             description='further constructor arguments as JSON, e.g. {"rtol": 1e-6}',
         )
+        fisher: Fisher = Field(
+            default=Fisher(defaults.fisher),
+            description="EK-FAC only: exact (per class), sampled (labels from the model), "
+            "empirical (true labels)",
+        )
+        fisher_samples: int = Field(
+            default=defaults.fisher_samples, ge=1, description="EK-FAC sampled: labels per example"
+        )
+        query_rank: int | None = Field(
+            default=defaults.query_rank,
+            ge=1,
+            description="EK-FAC only: empty = dense (n_test, P) factors; r ≥ 1 = per-layer "
+            "rank-r query factors",
+        )
+        modules: list[str] | None = Field(
+            default=None if defaults.modules is None else list(defaults.modules),
+            description="EK-FAC only: layer names to factor (empty: every supported layer)",
+        )
         device: Device = Field(default=Device.auto, description="auto: CUDA when present")
 
         def spec(self) -> MethodSpec:
@@ -84,6 +102,10 @@ def method_config_class(defaults: MethodSpec) -> type[dg.Config]:
                 block_structure=self.block_structure.value,
                 second_order_mode=self.second_order_mode.value,
                 options=options,
+                fisher=self.fisher.value,
+                fisher_samples=self.fisher_samples,
+                query_rank=self.query_rank,
+                modules=self.modules,
             )
 
     return MethodConfig

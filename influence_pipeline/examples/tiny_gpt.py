@@ -447,9 +447,11 @@ def tiny_gpt_workload(
     max_bytes: int | None = None,
     cache_dir: str | Path | None = None,
     method: Any = None,
+    query_rank: int | None = 32,
 ) -> Any:
     """The GPT example as a :class:`~influence_pipeline.workload.Workload`: EK-FAC with the
-    sampled Fisher (``MethodSpec(method="ekfac", options={"fisher": "sampled", ...})``),
+    sampled Fisher and rank-``query_rank`` query factors in the store
+    (``MethodSpec(method="ekfac", fisher="sampled", query_rank=32)``),
     the loss the engine takes for (B, T, V) outputs (cross-entropy summed over positions),
     shard files written and the model trained on first use (nothing at build time)."""
     import functools
@@ -465,8 +467,12 @@ def tiny_gpt_workload(
     )
 
     @functools.cache
+    def corpus() -> str:
+        return load_corpus(max_bytes=max_bytes)
+
+    @functools.cache
     def prepared() -> tuple[Sequences, str]:
-        text = load_corpus(max_bytes=max_bytes)
+        text = corpus()
         sequences = build_sequences(text, seq_len=config.seq_len, n_test=n_test)
         write_files(directory, sequences, n_shards)
         return sequences, corpus_digest(text)
@@ -490,10 +496,13 @@ def tiny_gpt_workload(
         or MethodSpec(
             method="ekfac",
             regularization=1e-3,
-            options={"fisher": "sampled", "seed": 0, "batch_size": 16},
+            fisher="sampled",
+            query_rank=query_rank,
+            options={"seed": 0, "batch_size": 16},
         ),
         fit_shards=[f"shard-{i}" for i in range(n_shards)],
         batch_size=16,
+        describe=lambda table: describe_top_k(table, corpus(), config.seq_len),
         store=store,
         description=(
             "A byte-level GPT (2.5M parameters) trained on the standard library's docstrings; "
