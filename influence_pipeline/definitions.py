@@ -18,6 +18,9 @@ from .workload import Workload
 
 #: The bundled workloads, by the name ``--example`` / ``INFLUENCE_EXAMPLE`` take.
 EXAMPLES = ("digits", "tiny-gpt")
+#: The GPT example's corpus is cut to this many bytes here (about 1,500 training windows
+#: of 64 bytes) so that a first run, which trains the model, stays within minutes.
+TINY_GPT_BYTES = 100_000
 
 
 def example_workload(name: str, store: str) -> Workload:
@@ -27,7 +30,7 @@ def example_workload(name: str, store: str) -> Workload:
     if name == "tiny-gpt":
         from .examples.tiny_gpt import tiny_gpt_workload
 
-        return tiny_gpt_workload(store=store)
+        return tiny_gpt_workload(store=store, max_bytes=TINY_GPT_BYTES)
     raise ValueError(f"example={name!r} is not one of {', '.join(EXAMPLES)}.")
 
 

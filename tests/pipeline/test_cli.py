@@ -54,6 +54,10 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, monkeypatch, 
         (["--method", "ektac"], "method='ektac' is not one of direct, cg, lissa"),
         (["--regularization", "-1"], "regularization: Input should be greater than or equal"),
         (["--test-set", "nope"], "--test-set nope: not a test set of workload 'digits'"),
+        (
+            ["--example", "tiny-gpt", "--test-set", "nope"],
+            "--test-set nope: not a test set of workload 'tiny-gpt'; choose from heldout",
+        ),
     ):
         assert main(base + extra) == 2
         err = capsys.readouterr().err

@@ -4,6 +4,7 @@ factors, materialized end to end on a temporary instance (a tiny transformer, 2 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 
 import dagster as dg
@@ -125,3 +126,14 @@ def test_ekfac_settings_are_in_the_digest_and_the_launchpad_config(tmp_path):
             )
         assert message in str(error.value)
     assert not any(tmp_path.iterdir())  # building and validating wrote nothing
+
+
+def test_a_failed_run_prints_the_step_error_not_a_check_error(tmp_path):
+    workload = g.tiny_gpt_workload(tmp_path / "data", store=str(tmp_path / "s"), config=TINY)
+    missing = tmp_path / "missing.pt"
+    defs = build_definitions(dataclasses.replace(workload, checkpoint=missing))
+    log = io.StringIO()
+    with dg.instance_for_test() as instance, pytest.raises(SystemExit):
+        run_pipeline(defs, instance, ["heldout"], out=log)
+    assert "block_mapper" in log.getvalue() and "FAILED" in log.getvalue()
+    assert f"The checkpoint {missing} of workload 'tiny-gpt' does not exist." in log.getvalue()
