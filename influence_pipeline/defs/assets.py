@@ -482,8 +482,12 @@ def build_assets(
             + markdown_image(plot, "score histogram")
         )
         if workload.describe is not None:  # e.g. the GPT example's sequences as text
-            text = workload.describe(top).replace("```", "` ` `")
-            preview += f"\n\nMost influential training examples:\n\n```\n{text}\n```"
+            first = sorted(top.test_id.unique())[:10]  # the preview stays small
+            text = workload.describe(top[top.test_id.isin(first)]).replace("```", "` ` `")
+            preview += (
+                f"\n\nMost influential training examples of the first {len(first)} test "
+                f"points:\n\n```\n{text}\n```"
+            )
         return dg.MaterializeResult(
             data_version=dg.DataVersion(version),
             metadata={
