@@ -147,7 +147,6 @@ def _paths(args: argparse.Namespace) -> tuple[Path, str]:
     store = args.store or default_store()
     if not args.store and not os.environ.get("INFLUENCE_STORE") and example != "digits":
         store += f"-{example}"  # one store per workload
-    os.environ["INFLUENCE_EXAMPLE"] = example
     if store and "://" not in store:
         store = str(Path(store).resolve())
     os.environ["DAGSTER_HOME"] = str(home)
@@ -284,6 +283,7 @@ def cmd_ui(args: argparse.Namespace) -> int:
     if root is None:
         raise CliError("`ui` needs the project checkout (its workspace.yaml); none found.")
     _ensure_home(home)
+    os.environ["INFLUENCE_EXAMPLE"] = args.example  # read by influence_pipeline.definitions
     dagster = Path(sys.executable).with_name("dagster")
     command = [str(dagster), "dev", "-h", args.host, "-p", str(args.port)]
     command += ["-w", str(root / "workspace.yaml")]

@@ -15,8 +15,9 @@ SCRIPT = Path(sys.executable).with_name("influence-pipeline")
 
 
 def clean_environment(monkeypatch) -> None:
-    """No DAGSTER_HOME / INFLUENCE_STORE, and what main() exports is undone after the test."""
-    for name in ("DAGSTER_HOME", "INFLUENCE_STORE"):
+    """No DAGSTER_HOME / INFLUENCE_STORE / INFLUENCE_EXAMPLE, and what main() exports is
+    undone after the test."""
+    for name in ("DAGSTER_HOME", "INFLUENCE_STORE", "INFLUENCE_EXAMPLE"):
         monkeypatch.setenv(name, "")  # records the original value for the undo
         monkeypatch.delenv(name)
 
