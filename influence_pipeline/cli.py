@@ -14,6 +14,9 @@ else <project>/dagster_home; the store is --store, else $INFLUENCE_STORE, else
 `run --example tiny-gpt` (and `ui --example tiny-gpt`) use the GPT example instead of
 the digits: a byte-level transformer trained on first use on the standard library's
 docstrings; its default store is <project>/influence_store-tiny-gpt.
+`run --example digits-memorizing` uses the memorizing digits (10 % flipped labels, an MLP
+trained until it fits them, the audit ranked by the mean loss over its saved checkpoints);
+its default store is <project>/influence_store-digits-memorizing.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from typing import Any
 from .project import default_home, default_store, project_root
 
 #: The bundled workloads (see influence_pipeline.definitions).
-EXAMPLES = ("digits", "tiny-gpt")
+EXAMPLES = ("digits", "tiny-gpt", "digits-memorizing")
 #: Dagster's run tags for a run over a range of partitions (as a backfill sets them).
 RANGE_START = "dagster/asset_partition_range_start"
 RANGE_END = "dagster/asset_partition_range_end"

@@ -1,12 +1,13 @@
 """Module-level ``defs`` for ``dagster dev`` / ``workspace.yaml``: a bundled workload.
 
-``INFLUENCE_EXAMPLE`` chooses it: ``digits`` (the default) or ``tiny-gpt`` (the GPT
+``INFLUENCE_EXAMPLE`` chooses it: ``digits`` (the default), ``tiny-gpt`` (the GPT
 example: a byte-level causal transformer, held-out sequences attributed to training
-sequences with EK-FAC). Importing it trains nothing and writes nothing (the example's files
-and model are made on first use). The store is ``INFLUENCE_STORE`` if set, else
-``<project>/influence_store`` (see ``influence_pipeline.project``). Point the pipeline at
-your own model and data with ``build_definitions(my_workload)`` from your own module (see
-README.md).
+sequences with EK-FAC) or ``digits-memorizing`` (10 % flipped labels, an MLP that memorizes
+them, the audit ranked by the mean loss over its saved checkpoints). Importing it trains
+nothing and writes nothing (the example's files and model are made on first use). The
+store is ``INFLUENCE_STORE`` if set, else ``<project>/influence_store`` (see
+``influence_pipeline.project``). Point the pipeline at your own model and data with
+``build_definitions(my_workload)`` from your own module (see README.md).
 """
 
 import os
@@ -17,7 +18,7 @@ from .project import default_store
 from .workload import Workload
 
 #: The bundled workloads, by the name ``--example`` / ``INFLUENCE_EXAMPLE`` take.
-EXAMPLES = ("digits", "tiny-gpt")
+EXAMPLES = ("digits", "tiny-gpt", "digits-memorizing")
 #: The GPT example's corpus is cut to this many bytes here (about 1,500 training windows
 #: of 64 bytes) so that a first run, which trains the model, stays within minutes.
 TINY_GPT_BYTES = 100_000
@@ -31,6 +32,10 @@ def example_workload(name: str, store: str) -> Workload:
         from .examples.tiny_gpt import tiny_gpt_workload
 
         return tiny_gpt_workload(store=store, max_bytes=TINY_GPT_BYTES)
+    if name == "digits-memorizing":
+        from .examples.digits_memorizing import memorizing_workload
+
+        return memorizing_workload(store=store)
     raise ValueError(f"example={name!r} is not one of {', '.join(EXAMPLES)}.")
 
 

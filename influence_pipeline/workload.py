@@ -15,6 +15,8 @@ A :class:`Workload` is plain Python (callables, paths), handed to
   shard of scoring, not a refit; they are the block mapper's upstream, so a change of one
   of them shows it stale and refits it. ``None`` fits on every shard: then any shard
   change (or a new shard) refits;
+* ``checkpoints`` (optional) lists saved training checkpoints: the audit then ranks by each
+  example's mean loss over them (``checkpoint_loss``), cached per shard;
 * ``method`` holds the defaults of the influence method; the Dagster Launchpad shows them
   as run config and can override them per run.
 """
@@ -425,6 +427,10 @@ class Workload:
     #: train_id, score) as readable text (the GPT example: each query's most influential
     #: training sequences); influence_table shows it in its preview.
     describe: Callable[[Any], str] | None = None
+    #: Optional: the saved training checkpoints (state-dict files, ``weights_only=True``),
+    #: earliest first. With them the audit adds each training example's ``checkpoint_loss``
+    #: (its mean loss over these checkpoints) and ranks ``suspicion`` by it.
+    checkpoints: Callable[[], Sequence[str | os.PathLike[str]]] | None = None
 
     def __post_init__(self) -> None:
         if not self.test_sets:
@@ -438,6 +444,20 @@ class Workload:
         if not path.is_file():
             raise ValueError(f"The checkpoint {path} of workload {self.name!r} does not exist.")
         return path
+
+    def checkpoint_paths(self) -> list[Path]:
+        """The saved training checkpoints (empty without ``checkpoints``); each must exist."""
+        if self.checkpoints is None:
+            return []
+        paths = [Path(p) for p in self.checkpoints()]
+        if not paths:
+            raise ValueError(f"Workload {self.name!r}: checkpoints() returned no paths.")
+        missing = [str(p) for p in paths if not p.is_file()]
+        if missing:
+            raise ValueError(
+                f"Workload {self.name!r}: training checkpoints {missing} do not exist."
+            )
+        return paths
 
     def load_model(self, device: str | torch.device = "cpu") -> torch.nn.Module:
         """The model with the checkpoint's weights, in eval mode, on ``device``."""

@@ -30,6 +30,7 @@ from ..analysis.plots import audit_plot, markdown_image, score_histogram
 from ..analysis.tables import influence_tables, label_map
 from ..influence import TorchBatch
 from ..influence.layer_gradients import per_example_losses
+from ..quality.mislabel import checkpoint_loss
 from ..store import Provenance, ShardSpec, validate_name
 from ..store.provenance import model_fingerprint
 from ..workload import Workload
@@ -517,7 +518,8 @@ def build_assets(
         name="data_audit",
         group_name=GROUP,
         deps=[influence_table],
-        code_version=CODE_VERSIONS["data_audit"],
+        # a workload that gains (or loses) training checkpoints ranks differently
+        code_version=CODE_VERSIONS["data_audit"] + ("+checkpoints" if workload.checkpoints else ""),
         automation_condition=condition,
         kinds={"pandas", "parquet"},
         description="Flagged training examples (likely mislabeled, high self-influence, high "
@@ -774,11 +776,14 @@ def _audit_examples(
     device: torch.device,
     batch_size: int,
 ) -> tuple[pd.DataFrame, np.ndarray | None, list[str]]:
-    """Per training example: id, shard, row, label, self-influence and loss. Values are
-    cached per shard in the store and recomputed only for new or changed shards (or a new
-    block mapper)."""
+    """Per training example: id, shard, row, label, self-influence and loss, and where the
+    workload saves training checkpoints the mean loss over them (``checkpoint_loss``). Values
+    are cached per shard in the store and recomputed only for new or changed shards (or a new
+    block mapper; for ``checkpoint_loss``, changed checkpoints)."""
     frames, images, computed = [], [], []
     influence = None
+    checkpoints = workload.checkpoint_paths()
+    checkpoints_fp = _checkpoints_fingerprint(checkpoints) if checkpoints else None
     for shard in shards:
         data = workload.shards.load(shard)
         fp = data_fingerprint(data)
@@ -815,6 +820,10 @@ def _audit_examples(
                 "loss": values["loss"],
             }
         )
+        if checkpoints_fp is not None:
+            frame["checkpoint_loss"] = _shard_checkpoint_loss(
+                artifacts, workload, shard, data, fp, checkpoints, checkpoints_fp, batch_size
+            )
         labels = label_map(data.ids.numpy(), data.y.numpy())
         if labels is not None:
             frame["train_label"] = frame.train_id.map(labels).astype("Int64")
@@ -826,6 +835,42 @@ def _audit_examples(
     side = round(float(np.sqrt(flat.shape[1]))) if flat is not None else 0
     square = flat is not None and side * side == flat.shape[1] and side <= 64
     return examples, (flat if square else None), computed
+
+
+def _checkpoints_fingerprint(paths: Sequence[Any]) -> str:
+    """Changes when the list of checkpoints or any file changes (name, size, modification
+    time: cheap for multi-GB checkpoints, like a directory shard's fingerprint)."""
+    parts = []
+    for path in paths:
+        stat = path.stat()
+        parts.append(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    return combine(*parts)
+
+
+def _shard_checkpoint_loss(
+    artifacts: Any,
+    workload: Workload,
+    shard: str,
+    data: Any,
+    data_fp: str,
+    checkpoints: Sequence[Any],
+    checkpoints_fp: str,
+    batch_size: int,
+) -> np.ndarray:
+    """(n,) a shard's mean per-example loss over the training checkpoints, cached in the
+    store under the shard's data fingerprint and the checkpoints' fingerprint (it does not
+    depend on the block mapper, so a refit reuses it)."""
+    key = {"data_fingerprint": data_fp, "checkpoints": checkpoints_fp}
+    cached = artifacts.read_example_values("checkpoint_loss", shard)
+    if cached is not None and all(cached[1].get(k) == v for k, v in key.items()):
+        return np.asarray(cached[0]["checkpoint_loss"], dtype=np.float64)
+    values = checkpoint_loss(
+        workload.model_factory, checkpoints, workload.loss, data.x, data.y, batch_size
+    )
+    artifacts.write_example_values(
+        "checkpoint_loss", shard, {"ids": data.ids.numpy(), "checkpoint_loss": values}, key
+    )
+    return values
 
 
 def _per_example_losses(influence: Any, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ out) that the LDS needs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -28,7 +29,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from .digits import DigitsData, default_cache_dir, load_digits_data, make_model, write_digits_files
+from .digits import (
+    TEST_SETS,
+    DigitsData,
+    ExampleShards,
+    default_cache_dir,
+    load_digits_data,
+    make_model,
+    write_digits_files,
+)
 
 
 @dataclass(frozen=True)
@@ -138,34 +147,44 @@ def memorizing_workload(
     seed: int = 0,
 ) -> Any:
     """The memorizing digits workload: the same split and test sets as the bundled one for
-    ``seed`` 0 but 10 % flipped labels and the memorizing MLP's final checkpoint."""
-    from ..workload import DirectoryShards, MethodSpec, Workload, load_tensor_file
+    ``seed`` 0 but 10 % flipped labels, the memorizing MLP's final checkpoint and all its
+    saved checkpoints (the audit ranks by the mean loss over them). Building it writes
+    nothing: the data files are written and the model trained on first use."""
+    from ..workload import MethodSpec, Workload, load_tensor_file
 
     directory = (
         Path(data_dir)
         if data_dir is not None
         else default_cache_dir() / f"digits-memorizing-data-{seed}-{n_shards}"
     )
-    data = write_digits_files(
-        directory, n_shards=n_shards, seed=seed, flip_fraction=MEMORIZING_FLIP_FRACTION
-    )
-    flipped_ids = data.train_ids[data.flipped].tolist()
+
+    @functools.cache
+    def data() -> DigitsData:  # first use writes the files (building the workload writes none)
+        return write_digits_files(
+            directory, n_shards=n_shards, seed=seed, flip_fraction=MEMORIZING_FLIP_FRACTION
+        )
 
     def test_loader(name: str) -> Callable[[], Any]:
-        return lambda: load_tensor_file(directory / "test" / f"{name}.pt")
+        def load() -> Any:
+            data()
+            return load_tensor_file(directory / "test" / f"{name}.pt")
+
+        return load
 
     return Workload(
         name="digits-memorizing",
         model_factory=lambda: make_model(MEMORIZING.hidden),
         checkpoint=lambda: memorizing_checkpoints(cache_dir, seed)[-1],
+        # every saved checkpoint: the audit ranks by the mean loss over them
+        checkpoints=lambda: memorizing_checkpoints(cache_dir, seed),
         loss=torch.nn.functional.cross_entropy,
-        shards=DirectoryShards(directory / "train"),
-        test_sets={name: test_loader(name) for name in data.test_sets},
+        shards=ExampleShards(directory / "train", data),
+        test_sets={name: test_loader(name) for name in TEST_SETS},
         method=method or MethodSpec(method="direct", regularization=1e-2),
         fit_shards=[f"shard-{i}" for i in range(n_shards)],
         batch_size=256,
         store=store,
-        known_mislabeled=lambda: flipped_ids,
+        known_mislabeled=lambda: data().train_ids[data().flipped].tolist(),
         description=(
             "scikit-learn's 8x8 digits, 10 % of the training labels flipped, an MLP 64-32-10 "
             "trained without weight decay until it fits every label (influence has to find "
