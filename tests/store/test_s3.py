@@ -22,9 +22,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-
-pytest.importorskip("s3fs", reason="the s3 extra (s3fs) is part of the dev install")
-pytest.importorskip("moto.server", reason="moto[server] is part of the dev install")
+import s3fs  # the dev install has it (and moto[server], which the fixture runs)
 
 from influence_pipeline.store import InfluenceStore, StoreError
 
@@ -97,8 +95,6 @@ def _options(endpoint: str) -> dict[str, str]:
 @pytest.fixture
 def s3_root(s3_endpoint: str) -> str:
     """A fresh bucket on the server; the store's URL in it."""
-    import s3fs
-
     bucket = f"store-{uuid.uuid4().hex[:12]}"
     s3fs.S3FileSystem(**_options(s3_endpoint), skip_instance_cache=True).mkdir(bucket)
     return f"s3://{bucket}/influence"
@@ -114,9 +110,26 @@ def _score_on_s3(root: str, endpoint: str, shard: int, start_flag: str) -> None:
     store.write_shard_scores("val", f"shard-{shard}", influence, w.shard_loader(shard))
 
 
+def _prepare_on_s3(root: str, endpoint: str) -> tuple[InfluenceStore, object]:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from influence_pipeline.store import ShardSpec
+
+    store = InfluenceStore(root, storage_options=_options(endpoint))
+    influence = w.fitted()
+    store.save_block_mapper(influence)
+    _, _, xt, yt = w.data()
+    store.write_factors("val", influence, DataLoader(TensorDataset(xt, yt), batch_size=7))
+    store.allocate_shards(
+        "val", [ShardSpec(f"shard-{i}", n) for i, n in enumerate(w.SHARD_ROWS)], shard_width=16
+    )
+    return store, influence
+
+
 def test_eight_concurrent_writers_on_s3_lose_no_value(tmp_path, s3_endpoint, s3_root):
     """One allocation, then 8 processes score 8 distinct shards at once on S3: every
-    shard is complete and every score equals the local-store run of the same shards."""
+    shard is complete and every score equals the local-store run of the same shards.
+    Factors read back equal; a shard not allocated before the fan-out is refused."""
     local, influence = w.prepare(str(tmp_path / "local"))
     for i in range(w.N_SHARDS):
         local.write_shard_scores("val", f"shard-{i}", influence, w.shard_loader(i))
@@ -155,35 +168,11 @@ def test_eight_concurrent_writers_on_s3_lose_no_value(tmp_path, s3_endpoint, s3_
         assert not np.isnan(used).any(), f"values of {name} lost"
     # float32 scores; the workers may take another BLAS path than this process
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7, equal_nan=True)
-    for i in range(w.N_SHARDS):
-        table = reread.top_k("val", k=3, shards=[i])
-        assert len(table) > 0
+    assert len(reread.top_k("val", k=3)) > 0
 
-
-def _prepare_on_s3(root: str, endpoint: str) -> tuple[InfluenceStore, object]:
-    from torch.utils.data import DataLoader, TensorDataset
-
-    from influence_pipeline.store import ShardSpec
-
-    store = InfluenceStore(root, storage_options=_options(endpoint))
-    influence = w.fitted()
-    store.save_block_mapper(influence)
-    _, _, xt, yt = w.data()
-    store.write_factors("val", influence, DataLoader(TensorDataset(xt, yt), batch_size=7))
-    store.allocate_shards(
-        "val", [ShardSpec(f"shard-{i}", n) for i, n in enumerate(w.SHARD_ROWS)], shard_width=16
-    )
-    return store, influence
-
-
-def test_late_allocation_is_refused_on_s3(s3_endpoint, s3_root):
-    """On object storage a shard not allocated before the fan-out is refused, naming
-    allocate_shards; factors written there read back like local ones."""
-    store, influence = _prepare_on_s3(s3_root, s3_endpoint)
+    # factors read back as written locally; a late shard is refused on object storage
+    remote_factors, local_factors = reread.read_factors("val")[0], local.read_factors("val")[0]
+    np.testing.assert_allclose(remote_factors, local_factors, rtol=1e-6)
     with pytest.raises(StoreError, match="allocate_shards"):
-        store.ensure_allocated("val", "late-shard", 12)
-    assert store.ensure_allocated("val", "shard-0", w.SHARD_ROWS[0])["n_rows"] == w.SHARD_ROWS[0]
-    values, ids = store.read_factors("val")
-    assert ids.shape == (w.N_TEST,)
-    assert values.shape == (w.N_TEST, influence.n_parameters)
-    assert np.isfinite(values).all()
+        remote.ensure_allocated("val", "late-shard", 12)
+    assert remote.ensure_allocated("val", "shard-0", w.SHARD_ROWS[0])["n_rows"] == w.SHARD_ROWS[0]
