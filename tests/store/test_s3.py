@@ -138,7 +138,9 @@ def test_eight_concurrent_writers_on_s3_lose_no_value(tmp_path, s3_endpoint, s3_
     remote, _ = _prepare_on_s3(s3_root, s3_endpoint)
     assert remote.location.has_lock is False
     flag = str(tmp_path / "go")
-    ctx = mp.get_context("fork")
+    # spawn, not fork: a parent that already ran torch (OpenMP's thread pool) or fsspec's IO
+    # thread can leave forked children hanging in the full suite
+    ctx = mp.get_context("spawn")
     workers = [
         ctx.Process(target=_score_on_s3, args=(s3_root, s3_endpoint, i, flag))
         for i in range(w.N_SHARDS)
@@ -146,7 +148,7 @@ def test_eight_concurrent_writers_on_s3_lose_no_value(tmp_path, s3_endpoint, s3_
     for p in workers:
         p.start()
     open(flag, "w").close()
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 240
     for p in workers:
         p.join(timeout=max(0.0, deadline - time.monotonic()))
     for p in workers:
