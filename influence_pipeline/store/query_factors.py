@@ -47,6 +47,7 @@ from .store import (
     _checksum_codecs,
     _require_group,
     _split_item,
+    _write_test_ids,
     validate_name,
 )
 
@@ -169,21 +170,7 @@ def write_query_factors(
         for array in arrays.values():
             if array.shape[0] != row:
                 array.resize((row, *array.shape[1:]))
-        if ids is not None:
-            test_ids = _as_ids(ids, row, f"ids of test set {test_set!r}")
-        elif collected_ids:
-            test_ids = np.concatenate(collected_ids)
-        else:
-            test_ids = np.arange(row, dtype=np.int64)
-        if len(np.unique(test_ids)) != row:
-            raise StoreError(f"Test ids of {test_set!r} are not unique.")
-        id_array = vgroup.create_array(
-            "ids",
-            data=test_ids,
-            compressors=_checksum_codecs(),
-            dimension_names=("test",),
-            config=WRITE_ALL_CHUNKS,
-        )
+        id_array = _write_test_ids(vgroup, test_set, row, ids, collected_ids)
         provenance.data_fingerprints["test_set"] = hasher.hexdigest()
         chunks = {f"{path}/ids": manifest(id_array)}
         for key, array in arrays.items():

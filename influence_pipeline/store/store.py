@@ -155,6 +155,28 @@ def _split_item(item: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
     )
 
 
+def _write_test_ids(
+    group: Any, test_set: str, n_rows: int, ids: Any, collected_ids: list[np.ndarray]
+) -> Any:
+    """The ``ids`` array of a factors version: the given ids, else the ids the loader's
+    batches carried, else 0..n_rows-1; refused unless unique."""
+    if ids is not None:
+        test_ids = _as_ids(ids, n_rows, f"ids of test set {test_set!r}")
+    elif collected_ids:
+        test_ids = np.concatenate(collected_ids)
+    else:
+        test_ids = np.arange(n_rows, dtype=np.int64)
+    if len(np.unique(test_ids)) != n_rows:
+        raise StoreError(f"Test ids of {test_set!r} are not unique.")
+    return group.create_array(
+        "ids",
+        data=test_ids,
+        compressors=_checksum_codecs(),
+        dimension_names=("test",),
+        config=WRITE_ALL_CHUNKS,
+    )
+
+
 def _as_ids(ids: Any, n: int, what: str) -> np.ndarray:
     if hasattr(ids, "detach"):
         ids = ids.detach().cpu().numpy()
@@ -569,21 +591,7 @@ class InfluenceStore:
                 )
             if values.shape[0] != row:
                 values.resize((row, P))
-            if ids is not None:
-                test_ids = _as_ids(ids, row, f"ids of test set {test_set!r}")
-            elif collected_ids:
-                test_ids = np.concatenate(collected_ids)
-            else:
-                test_ids = np.arange(row, dtype=np.int64)
-            if len(np.unique(test_ids)) != row:
-                raise StoreError(f"Test ids of {test_set!r} are not unique.")
-            id_array = vgroup.create_array(
-                "ids",
-                data=test_ids,
-                compressors=_checksum_codecs(),
-                dimension_names=("test",),
-                config=WRITE_ALL_CHUNKS,
-            )
+            id_array = _write_test_ids(vgroup, test_set, row, ids, collected_ids)
             provenance.data_fingerprints["test_set"] = hasher.hexdigest()
             record = {
                 "n_rows": row,
