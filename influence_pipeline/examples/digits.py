@@ -19,13 +19,14 @@ files belong to the user: a deleted or rewritten shard file is never restored.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,11 +145,17 @@ def cached_checkpoint(
     if not path.exists():
         data = load_digits_data(seed=seed, flip_fraction=flip_fraction, n_test=n_test)
         model = train_model(data, seed=seed, hidden=hidden)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+        save_state(model.state_dict(), path)
     return path
+
+
+def save_state(state: dict[str, torch.Tensor], path: Path) -> None:
+    """``torch.save`` to a temporary file beside ``path``, then an atomic rename: a
+    concurrent reader never sees half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
 
 
 def load_model(checkpoint: str | Path, hidden: int = 32) -> torch.nn.Module:
@@ -156,6 +163,26 @@ def load_model(checkpoint: str | Path, hidden: int = 32) -> torch.nn.Module:
     model.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def staged_files(root: Path) -> Iterator[Path]:
+    """A staging folder inside ``root``: write ``test/`` and ``train/`` into it; on success they
+    are renamed into ``root``, train last (its existence marks a complete set), so a
+    concurrent or killed writer leaves no half set. If another process published first, its
+    files are kept. The staging folder is removed in every case."""
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
+    try:
+        yield staging
+        for part in ("test", "train"):
+            try:
+                os.rename(staging / part, root / part)
+            except OSError:
+                if not (root / part).exists():
+                    raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def write_digits_files(
@@ -178,9 +205,7 @@ def write_digits_files(
     root = Path(data_dir)
     if (root / "train").exists():
         return data
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
-    try:
+    with staged_files(root) as staging:
         for i, rows in enumerate(np.array_split(np.arange(len(data.y_train)), n_shards)):
             save_tensor_file(
                 staging / "train" / f"shard-{i}.pt",
@@ -195,15 +220,6 @@ def write_digits_files(
                 staging / "test" / f"{name}.pt",
                 ShardData(torch.from_numpy(x), torch.from_numpy(y), torch.from_numpy(ids)),
             )
-        for part in ("test", "train"):  # train last: its existence marks a complete set
-            try:
-                os.rename(staging / part, root / part)
-            except OSError:
-                if not (root / part).exists():
-                    raise
-                # another process wrote the example first: keep its files
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return data
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -36,6 +35,7 @@ from .digits import (
     default_cache_dir,
     load_digits_data,
     make_model,
+    save_state,
     write_digits_files,
 )
 
@@ -129,11 +129,8 @@ def memorizing_checkpoints(cache_dir: str | Path | None = None, seed: int = 0) -
             replace(MEMORIZING, epochs=max(CHECKPOINT_EPOCHS)),
             save_at=CHECKPOINT_EPOCHS,
         )
-        directory.mkdir(parents=True, exist_ok=True)
         for epoch, path in zip(CHECKPOINT_EPOCHS, paths, strict=True):
-            tmp = path.with_suffix(f".tmp{os.getpid()}")
-            torch.save(saved[epoch], tmp)
-            os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+            save_state(saved[epoch], path)
     return paths
 
 

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .digits import default_cache_dir
+from .digits import default_cache_dir, save_state, staged_files
 
 #: Standard-library modules whose docstrings make the corpus (in this order).
 CORPUS_MODULES = (
@@ -288,10 +288,7 @@ def cached_checkpoint(
     path = directory / f"tiny-gpt-{key}.pt"
     if not path.exists():
         model = train(sequences, config, budget)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(model.state_dict(), tmp)
-        os.replace(tmp, path)
+        save_state(model.state_dict(), path)
     return path
 
 
@@ -405,18 +402,13 @@ def write_files(
     """Write the sequences as tensor files ``train/shard-<i>.pt`` and
     ``test/<test_set>.pt`` (x, y, ids = window indices), once: nothing is written when
     ``<data_dir>/train`` exists (the files are then the user's)."""
-    import shutil
-    import tempfile
-
     from ..workload import ShardData, save_tensor_file
 
     root = Path(data_dir)
     if (root / "train").exists():
         return
-    root.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".writing-", dir=root))
     s = sequences
-    try:
+    with staged_files(root) as staging:
         for i, rows in enumerate(np.array_split(np.arange(len(s.x_train)), n_shards)):
             index = torch.from_numpy(rows)
             save_tensor_file(
@@ -426,14 +418,6 @@ def write_files(
         save_tensor_file(
             staging / "test" / f"{test_set}.pt", ShardData(s.x_test, s.y_test, s.test_ids)
         )
-        for part in ("test", "train"):  # train last: its existence marks a complete set
-            try:
-                os.rename(staging / part, root / part)
-            except OSError:
-                if not (root / part).exists():
-                    raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def tiny_gpt_workload(
