@@ -31,6 +31,7 @@ import pandas as pd
 import torch
 
 from influence_pipeline.analysis.audit import audit_examples
+from influence_pipeline.defs.quality import default_quality_methods
 from influence_pipeline.examples.digits import (
     cached_checkpoint,
     load_digits_data,
@@ -56,16 +57,8 @@ from influence_pipeline.workload import MethodSpec
 
 LOSS = torch.nn.functional.cross_entropy
 
-#: Each method at its current default settings of the workload (λ = 1e-2, rank 50).
-DEFAULT_SPECS: dict[str, MethodSpec] = {
-    "direct": MethodSpec("direct", 1e-2),
-    "cg": MethodSpec("cg", 1e-2, options={"rtol": 1e-6, "maxiter": 500}),
-    "lissa": MethodSpec("lissa", 1e-2, options={"seed": 0, "warn_on_max_iteration": False}),
-    "arnoldi": MethodSpec("arnoldi", 1e-2, rank=50, options={"seed": 0}),
-    "ekfac": MethodSpec("ekfac", 1e-2),
-    "nystroem": MethodSpec("nystroem", 1e-2, rank=50, options={"seed": 0}),
-    "ihm": MethodSpec("ihm", 1e-2),
-}
+#: Each method as the quality assets measure it (λ = 1e-2, rank 50, seeded).
+DEFAULT_SPECS: dict[str, MethodSpec] = default_quality_methods()
 #: The methods whose self-influence is cheap enough to rank 1,297 training points.
 RANKING_METHODS = ("direct", "arnoldi", "ekfac", "nystroem", "ihm")
 
